@@ -1,0 +1,63 @@
+# FitTracker backend: every set-up step is a target, so a fresh machine needs only `make up` / `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+BUF    := $(VENV)/bin/buf
+export PYTHONPATH := $(CURDIR):$(CURDIR)/clients/python/generated
+export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/.cache/bin:/usr/local/go/bin:$(PATH)
+
+.PHONY: help venv deps gen check-gen lint buf-lint buf-breaking typecheck test test-fast up loadtest bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	@echo "==> Python environment ($(VENV))"
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install --quiet --upgrade pip
+	@$(PY) -m pip install --quiet -e '.[dev]'
+	@$(PY) tools/proto_deps.py .cache/proto-deps
+	@touch $@
+
+venv: $(VENV)/.installed ## Create the virtual environment with every Python package
+
+deps: venv ## Install the servers and tools the tests use (Redis, FerretDB, ghz, h2load)
+	@bash tools/install_deps.sh
+
+gen: venv ## Regenerate code, descriptors and the edge config from proto/
+	@$(PY) tools/gen.py
+	@$(PY) tools/envoy_config.py
+
+check-gen: venv ## Fail when generated code or the edge config is stale
+	@$(PY) tools/gen.py --check
+	@$(PY) tools/envoy_config.py --check
+
+buf-lint: venv
+	@echo "==> buf lint"
+	@$(BUF) lint
+
+buf-breaking: venv ## Compare the contracts with the previous commit's (wire + JSON compatibility)
+	@$(PY) tools/buf_breaking.py
+
+typecheck: venv
+	@echo "==> mypy"
+	@$(VENV)/bin/mypy
+
+lint: venv buf-lint ## Lint contracts and Python
+	@echo "==> ruff"
+	@$(VENV)/bin/ruff check services tools tests
+
+test: venv deps check-gen lint buf-breaking typecheck ## Run every check and the whole test suite
+	@echo "==> pytest"
+	@$(PY) -m pytest
+
+test-fast: venv ## Only the tests, skipping the static checks
+	@$(PY) -m pytest -x -q
+
+up: venv ## Run Envoy and all services locally on the embedded store (Ctrl-C stops everything)
+	@$(PY) tools/devstack.py
+
+clean: ## Remove the environment, caches and local data
+	rm -rf $(VENV) .cache .data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""FitTracker's Python services: one shared runtime and five domain services."""

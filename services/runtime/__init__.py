@@ -1,0 +1,1 @@
+"""The runtime every FitTracker service shares: bootstrap, interceptors, settings, storage, caches."""

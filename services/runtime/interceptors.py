@@ -1,0 +1,242 @@
+"""The server call pipeline: deadline check, authentication, validation, error mapping, metrics, logs.
+
+One ``grpc.aio`` interceptor wraps each method's handler once (cached per method), so a call pays
+for a few function calls rather than a chain of interceptor objects. The concerns stay separate
+functions in this module; the order they run in is the order of ``_run_unary``.
+Tracing runs before it, in OpenTelemetry's own interceptor, so every log line has a trace id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, cast
+
+import grpc
+from google.protobuf.message import Message
+from grpc_status import rpc_status
+from opentelemetry import trace
+
+from services.runtime import auth
+from services.runtime.errors import DeadlineExceeded, DomainError, Unauthenticated
+from services.runtime.observability import Metrics, monotonic
+from services.runtime.validation import RequestValidator
+
+log = logging.getLogger("fittracker.rpc")
+
+#: Seconds left before the current call's deadline (capped), for outgoing calls to inherit.
+call_deadline: ContextVar[float | None] = ContextVar("call_deadline", default=None)
+
+#: Services whose requests are not ours to authenticate or validate.
+INFRASTRUCTURE_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+#: A call arriving with less time than this left cannot do useful work.
+MIN_USEFUL_SECONDS = 0.002
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Unary = Callable[[Any, Context], Awaitable[Any]]
+Streaming = Callable[[Any, Context], AsyncIterator[Any]]
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+else:  # generic only in the type stubs
+    Handler = grpc.RpcMethodHandler
+
+
+class CallPipeline(grpc.aio.ServerInterceptor):
+    """Wraps every handler of a server with the cross-cutting concerns of a FitTracker call."""
+
+    def __init__(
+        self,
+        *,
+        metrics: Metrics,
+        verifier: auth.TokenVerifier,
+        public_methods: Collection[str],
+        max_deadline_seconds: float,
+        validator: RequestValidator | None = None,
+    ) -> None:
+        """``public_methods`` are full method names ("/pkg.Service/Method") callable without a token."""
+        self._metrics = metrics
+        self._verifier = verifier
+        self._public = frozenset(public_methods)
+        self._max_deadline = max_deadline_seconds
+        self._validator = validator or RequestValidator()
+        self._wrapped: dict[str, Handler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        """Return the cached wrapped handler of the called method."""
+        method: str = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            handler = await continuation(handler_call_details)
+            if handler is None or method.startswith(INFRASTRUCTURE_PREFIXES):
+                return handler
+            wrapped = self._wrap(method, handler)
+            self._wrapped[method] = wrapped
+        return wrapped
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        # grpc's type stubs describe sync handlers; an aio server registers coroutine functions
+        # and async generators, hence the casts to the aio shapes below.
+        service, _, name = method[1:].rpartition("/")
+        labels = (service, name)
+        public = method in self._public
+        des, ser = handler.request_deserializer, handler.response_serializer
+        if handler.unary_unary is not None:
+            inner = cast(Unary, handler.unary_unary)
+
+            async def unary_unary(request: Message, context: Context) -> Any:
+                return await self._run_unary(labels, public, inner, request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, des, ser)
+        if handler.unary_stream is not None:
+            inner_stream = cast(Streaming, handler.unary_stream)
+
+            async def unary_stream(request: Message, context: Context) -> AsyncIterator[Any]:
+                async for item in self._run_stream(labels, public, inner_stream, request, context, False):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, des, ser)
+        if handler.stream_unary is not None:
+            inner_su = cast(Unary, handler.stream_unary)
+
+            async def stream_unary(requests: AsyncIterator[Message], context: Context) -> Any:
+                return await self._run_unary(labels, public, inner_su, self._validated(requests), context)
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, des, ser)
+        inner_ss = cast(Streaming, handler.stream_stream)
+
+        async def stream_stream(requests: AsyncIterator[Message], context: Context) -> AsyncIterator[Any]:
+            async for item in self._run_stream(
+                labels, public, inner_ss, self._validated(requests), context, True
+            ):
+                yield item
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, des, ser)
+
+    async def _run_unary(
+        self, labels: tuple[str, str], public: bool, inner: Unary, request: Any, context: Context
+    ) -> Any:
+        started = monotonic()
+        self._metrics.in_flight.labels(*labels).inc()
+        code = grpc.StatusCode.OK
+        principal_token = deadline_token = None
+        try:
+            deadline_token = call_deadline.set(self._check_deadline(context))
+            principal_token = auth.set_principal(self._authenticate(context, public))
+            if isinstance(request, Message):
+                self._validator.check(request)
+            return await inner(request, context)
+        except BaseException as error:
+            code = self._status_of(error, context)
+            await self._abort(labels, error, context)
+            raise
+        finally:
+            self._finish(labels, code, started)
+            if principal_token is not None:
+                auth.reset_principal(principal_token)
+            if deadline_token is not None:
+                call_deadline.reset(deadline_token)
+
+    async def _run_stream(
+        self,
+        labels: tuple[str, str],
+        public: bool,
+        inner: Callable[[Any, Context], AsyncIterator[Any]],
+        request: Any,
+        context: Context,
+        streamed_request: bool,
+    ) -> AsyncIterator[Any]:
+        started = monotonic()
+        self._metrics.in_flight.labels(*labels).inc()
+        code = grpc.StatusCode.OK
+        principal_token = None
+        try:
+            self._check_deadline(context)
+            principal_token = auth.set_principal(self._authenticate(context, public))
+            if not streamed_request:
+                self._validator.check(request)
+            async for item in inner(request, context):
+                yield item
+        except BaseException as error:
+            code = self._status_of(error, context)
+            await self._abort(labels, error, context)
+            raise
+        finally:
+            self._finish(labels, code, started)
+            if principal_token is not None:
+                auth.reset_principal(principal_token)
+
+    async def _validated(self, requests: AsyncIterator[Message]) -> AsyncIterator[Message]:
+        async for request in requests:
+            self._validator.check(request)
+            yield request
+
+    def _check_deadline(self, context: Context) -> float:
+        remaining = context.time_remaining()
+        if remaining is None:
+            return self._max_deadline
+        if remaining < MIN_USEFUL_SECONDS:
+            raise DeadlineExceeded("the call's deadline passed before it could be handled")
+        return min(remaining, self._max_deadline)
+
+    def _authenticate(self, context: Context, public: bool) -> auth.Principal | None:
+        metadata = {k: v for k, v in context.invocation_metadata() or ()}
+        token = auth.bearer_token(metadata)
+        if token is None:
+            if public:
+                return None
+            raise Unauthenticated("this method needs a bearer access token")
+        return self._verifier.verify(token)
+
+    def _status_of(self, error: BaseException, context: Context) -> grpc.StatusCode:
+        """The status code a call that raised ``error`` ends with."""
+        if isinstance(error, DomainError):
+            return error.code
+        if isinstance(error, asyncio.CancelledError):
+            return grpc.StatusCode.CANCELLED
+        if _is_abort(error):
+            return context.code() or grpc.StatusCode.UNKNOWN
+        return grpc.StatusCode.INTERNAL
+
+    async def _abort(self, labels: tuple[str, str], error: BaseException, context: Context) -> None:
+        """End the call with the status ``error`` maps to, unless gRPC already ended it."""
+        if isinstance(error, DomainError):
+            await context.abort_with_status(rpc_status.to_status(error.to_status()))
+        if isinstance(error, asyncio.CancelledError) or _is_abort(error):
+            return
+        trace_id = format(trace.get_current_span().get_span_context().trace_id, "032x")
+        log.error(
+            "unhandled error in %s/%s", *labels, exc_info=error,
+            extra={"fields": {"method": "/".join(labels)}},
+        )
+        # Internals stay in the log; the client gets the trace id to quote.
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error; trace id {trace_id}")
+
+    def _finish(self, labels: tuple[str, str], code: grpc.StatusCode, started: float) -> None:
+        elapsed = monotonic() - started
+        self._metrics.in_flight.labels(*labels).dec()
+        self._metrics.handled.labels(*labels, code.name).inc()
+        self._metrics.latency.labels(*labels).observe(elapsed)
+        if log.isEnabledFor(logging.INFO):
+            principal = auth.optional_principal()
+            log.info(
+                "rpc",
+                extra={
+                    "fields": {
+                        "method": f"{labels[0]}/{labels[1]}",
+                        "code": code.name,
+                        "ms": round(elapsed * 1000, 3),
+                        "user": principal.user_id if principal else None,
+                    }
+                },
+            )
+
+
+def _is_abort(error: BaseException) -> bool:
+    """Whether ``error`` is gRPC's own signal that the call was already ended with a status."""
+    return type(error).__name__ == "AbortError" and type(error).__module__.startswith("grpc")

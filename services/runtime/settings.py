@@ -1,0 +1,164 @@
+"""Service settings read from ``FITTRACKER_*`` environment variables, checked once at start.
+
+One typed class holds everything a process may be configured with; a bad value stops the process
+with a message naming the variable, instead of failing later in a handler.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Literal, get_args
+
+PREFIX = "FITTRACKER_"
+
+ServiceName = Literal["user", "workout", "ai", "notification", "analytics"]
+SERVICES: tuple[ServiceName, ...] = get_args(ServiceName)
+
+#: The port each service listens on by default; the edge and the other services use the same map.
+DEFAULT_PORTS: dict[ServiceName, int] = {
+    "user": 50051,
+    "workout": 50052,
+    "ai": 50053,
+    "notification": 50054,
+    "analytics": 50055,
+}
+
+
+class SettingsError(ValueError):
+    """A setting has a value the service cannot run with."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a service process is configured with. Field ``x`` reads ``FITTRACKER_X``."""
+
+    service: ServiceName = "user"
+    #: ``development`` may generate missing signing keys; ``production`` refuses to.
+    environment: Literal["development", "test", "production"] = "development"
+    host: str = "127.0.0.1"
+    #: 0 picks a free port (tests); otherwise the service's default from DEFAULT_PORTS.
+    port: int = -1
+    #: Worker processes sharing the port through SO_REUSEPORT; 0 means one per core.
+    workers: int = 1
+    #: Set by the supervisor for each worker it starts; numbers its metrics port and log lines.
+    worker_index: int = 0
+    #: First Prometheus /metrics port; worker i serves on metrics_port + i. 0 turns it off.
+    metrics_port: int = 0
+    #: Seconds in-flight calls get to finish after SIGTERM before they are cancelled.
+    grace_seconds: float = 10.0
+    #: How long health stays NOT_SERVING before the listener closes: long enough for the edge's
+    #: active health checks (1 s interval, 2 failures) to take the instance out of rotation.
+    drain_notice_seconds: float = 3.0
+    #: Longest deadline a call may ask for; longer (or missing) deadlines are capped by handlers.
+    max_deadline_seconds: float = 30.0
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: Where the embedded store, event log and development keys live.
+    data_dir: Path = Path(".data")
+    #: A MongoDB URL switches storage from the embedded store to MongoDB.
+    mongo_url: str = ""
+    mongo_database: str = "fittracker"
+    #: A Redis URL turns on the shared L2 cache, Redis Streams events and shared rate limits.
+    redis_url: str = ""
+    #: Directory holding the ES256 signing key (user service) and the public JWKS (everyone).
+    jwt_keys_dir: Path = Path("")
+    jwt_issuer: str = "https://auth.fittracker.app"
+    jwt_audience: str = "fittracker-api"
+    access_token_ttl_seconds: int = 900
+    refresh_token_ttl_seconds: int = 30 * 24 * 3600
+    #: Comma-separated emails that get the admin role when they register (operators' bootstrap).
+    admin_emails: str = ""
+    #: argon2id cost: memory in KiB and passes. Lower them only for tests.
+    argon2_memory_kib: int = 65536
+    argon2_time_cost: int = 3
+    #: Failed logins allowed per account and per client address within the window.
+    login_max_failures: int = 5
+    login_failure_window_seconds: int = 900
+    #: OTLP gRPC endpoint for traces; empty keeps spans in-process (still propagated).
+    otlp_endpoint: str = ""
+    #: Addresses of the other services, "host:port", for outgoing calls.
+    user_addr: str = ""
+    workout_addr: str = ""
+    ai_addr: str = ""
+    notification_addr: str = ""
+    analytics_addr: str = ""
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def keys_dir(self) -> Path:
+        """The JWT key directory, defaulting to ``<data_dir>/keys``."""
+        return self.jwt_keys_dir if str(self.jwt_keys_dir) not in ("", ".") else self.data_dir / "keys"
+
+    @property
+    def listen_port(self) -> int:
+        """The port to bind: the configured one, or the service's default."""
+        return DEFAULT_PORTS[self.service] if self.port < 0 else self.port
+
+    def address_of(self, service: ServiceName) -> str:
+        """Where to reach another service: its configured address or its default local port."""
+        configured: str = getattr(self, f"{service}_addr")
+        return configured or f"127.0.0.1:{DEFAULT_PORTS[service]}"
+
+    @classmethod
+    def from_env(cls, service: ServiceName, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings for ``service`` from the environment, refusing values that cannot work."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {"service": service}
+        for f in fields(cls):
+            if f.name in ("service", "extra"):
+                continue
+            raw = env.get(PREFIX + f.name.upper())
+            if raw is None:
+                continue
+            values[f.name] = _parse(f.name, raw, f.type)
+        settings = cls(**values)  # type: ignore[arg-type]  # keys come from fields(cls) above
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Check ranges and combinations; raise SettingsError naming the variable."""
+        if self.service not in SERVICES:
+            raise SettingsError(f"{PREFIX}SERVICE must be one of {', '.join(SERVICES)}")
+        if not -1 <= self.port <= 65535:
+            raise SettingsError(f"{PREFIX}PORT must be between 0 and 65535, got {self.port}")
+        if not 0 <= self.workers <= 64:
+            raise SettingsError(f"{PREFIX}WORKERS must be between 0 and 64, got {self.workers}")
+        if self.grace_seconds < 0 or self.drain_notice_seconds < 0:
+            raise SettingsError(f"{PREFIX}GRACE_SECONDS and {PREFIX}DRAIN_NOTICE_SECONDS must not be negative")
+        if self.access_token_ttl_seconds < 30 or self.access_token_ttl_seconds > 3600:
+            raise SettingsError(f"{PREFIX}ACCESS_TOKEN_TTL_SECONDS must be between 30 and 3600")
+        if self.refresh_token_ttl_seconds <= self.access_token_ttl_seconds:
+            raise SettingsError(f"{PREFIX}REFRESH_TOKEN_TTL_SECONDS must exceed the access token TTL")
+        for url, name, schemes in (
+            (self.mongo_url, "MONGO_URL", ("mongodb://", "mongodb+srv://")),
+            (self.redis_url, "REDIS_URL", ("redis://", "rediss://", "unix://")),
+        ):
+            if url and not url.startswith(schemes):
+                raise SettingsError(f"{PREFIX}{name} must start with {' or '.join(schemes)}")
+        if self.environment == "production" and str(self.jwt_keys_dir) in ("", "."):
+            raise SettingsError(f"{PREFIX}JWT_KEYS_DIR must name provisioned keys in production")
+
+
+_TYPE_NAMES = {"int": int, "float": float, "str": str, "Path": Path, "bool": bool}
+
+
+def _parse(name: str, raw: str, annotation: object) -> object:
+    """Turn one environment string into the field's type, or raise SettingsError."""
+    text = str(annotation)
+    var = PREFIX + name.upper()
+    if text.startswith("Literal["):
+        allowed = [a.strip().strip("'\"") for a in text[len("Literal[") : -1].split(",")]
+        if raw not in allowed:
+            raise SettingsError(f"{var} must be one of {', '.join(allowed)}, got {raw!r}")
+        return raw
+    kind = _TYPE_NAMES.get(text, str)
+    try:
+        if kind is bool:
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes")
+        return kind(raw)
+    except ValueError:
+        raise SettingsError(f"{var} must be a {kind.__name__}, got {raw!r}") from None

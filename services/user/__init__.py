@@ -1,0 +1,46 @@
+"""The user service: accounts, authentication, profiles and preferences."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import grpc
+from fittracker.user.v1 import user_service_pb2_grpc
+
+from services.runtime.auth import load_or_create_signing_key, public_jwk
+from services.runtime.resources import Resources
+from services.runtime.server import ServiceDefinition
+from services.runtime.settings import Settings
+from services.user.passwords import Passwords
+from services.user.repository import UserRepository
+from services.user.service import PUBLIC_METHODS, SERVICE, UserService
+from services.user.tokens import TokenService
+
+
+async def build(settings: Settings, resources: Resources) -> ServiceDefinition:
+    """Wire the user service from the shared resources."""
+    signing_key = load_or_create_signing_key(settings.keys_dir, allow_create=settings.environment != "production")
+    users = UserRepository(resources.store)
+    tokens = TokenService(
+        resources.store,
+        signing_key,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        access_ttl=timedelta(seconds=settings.access_token_ttl_seconds),
+        refresh_ttl=timedelta(seconds=settings.refresh_token_ttl_seconds),
+    )
+    await users.ensure()
+    await tokens.ensure()
+    servicer = UserService(
+        settings,
+        users,
+        tokens,
+        Passwords(time_cost=settings.argon2_time_cost, memory_kib=settings.argon2_memory_kib),
+        resources.counters,
+        jwks=[public_jwk(signing_key.public_key())],
+    )
+
+    def register(server: grpc.aio.Server) -> None:
+        user_service_pb2_grpc.add_UserServiceServicer_to_server(servicer, server)
+
+    return ServiceDefinition(service_names=[SERVICE], register=register, public_methods=PUBLIC_METHODS)

@@ -1,0 +1,265 @@
+"""The user service's domain: accounts, authentication, profiles and preferences."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import grpc
+from fittracker.user.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
+from google.protobuf import json_format
+
+from services.runtime import auth
+from services.runtime.counters import Counters
+from services.runtime.errors import Aborted, InvalidArgument, NotFound, ResourceExhausted, Unauthenticated
+from services.runtime.fieldmask import apply_update_mask
+from services.runtime.settings import Settings
+from services.runtime.storage import Document
+from services.runtime.timeutil import now, to_timestamp
+from services.user.passwords import Passwords
+from services.user.repository import PROFILE_FIELDS, UserRepository, profile_etag
+from services.user.tokens import IssuedTokens, TokenService
+
+SERVICE = "fittracker.user.v1.UserService"
+PUBLIC_METHODS = frozenset(f"/{SERVICE}/{m}" for m in ("Register", "Login", "RefreshToken", "GetJwks"))
+#: Register ids derive from the client's request id, so a retried Register finds its first result.
+REQUEST_ID_NAMESPACE = uuid.UUID("6f1c2a52-4c55-4d0e-9a43-2b7f1f0c9e11")
+PREFERENCE_FIELDS = ("unit_system", "goals", "notifications", "time_zone")
+INVALID_LOGIN = "email or password is incorrect"
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def default_preferences() -> dict[str, Any]:
+    """What a new account starts with: metric units, push and email on, UTC."""
+    return {
+        "unit_system": "UNIT_SYSTEM_METRIC",
+        "notifications": {"push_enabled": True, "email_enabled": True},
+        "time_zone": "UTC",
+    }
+
+
+def user_id_of(name: str, suffix: str = "") -> str:
+    """The ``{user}`` of "users/{user}" + suffix, with "me" resolved to the caller."""
+    segment = name.removeprefix("users/").removesuffix(suffix)
+    return auth.resolve_user_id(segment)
+
+
+class UserService(user_service_pb2_grpc.UserServiceServicer):
+    """Implements fittracker.user.v1.UserService."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        users: UserRepository,
+        tokens: TokenService,
+        passwords: Passwords,
+        counters: Counters,
+        jwks: list[dict[str, str]],
+    ) -> None:
+        """Take every dependency from the caller (built once at start)."""
+        self._settings = settings
+        self._users = users
+        self._tokens = tokens
+        self._passwords = passwords
+        self._counters = counters
+        self._jwks = user_service_pb2.GetJwksResponse(keys=[user_pb2.JsonWebKey(**k) for k in jwks])
+        self._admins = {e.strip().lower() for e in settings.admin_emails.split(",") if e.strip()}
+
+    # --- authentication -------------------------------------------------------------------
+
+    async def Register(  # noqa: N802 - gRPC method names are the contract's
+        self, request: user_service_pb2.RegisterRequest, context: Context
+    ) -> user_service_pb2.RegisterResponse:
+        """Create an account (idempotent under request_id) and sign it in."""
+        email = request.email.strip().lower()
+        user_id = (
+            uuid.uuid5(REQUEST_ID_NAMESPACE, request.request_id).hex if request.request_id else uuid.uuid4().hex
+        )
+        created_at = now()
+        doc: Document = {
+            "_id": user_id,
+            "email": email,
+            "password_hash": await self._passwords.hash(request.password),
+            "display_name": request.display_name.strip(),
+            "birth_date": "",
+            "height_cm": 0.0,
+            "weight_kg": 0.0,
+            "fitness_level": "FITNESS_LEVEL_UNSPECIFIED",
+            "role": "admin" if email in self._admins else "member",
+            "preferences": {**default_preferences(), "update_time": created_at},
+            "request_id": request.request_id,
+            "create_time": created_at,
+            "update_time": created_at,
+        }
+        stored, created = await self._users.create(doc)
+        if not created and not await self._passwords.verify(stored["password_hash"], request.password):
+            # A replayed request id with another password must not hand out the account.
+            raise InvalidArgument.field("request_id", "was already used by a different request")
+        issued = await self._tokens.open_session(stored["_id"], stored["role"])
+        return user_service_pb2.RegisterResponse(user=self._to_user(stored), tokens=_token_pair(issued))
+
+    async def Login(  # noqa: N802
+        self, request: user_service_pb2.LoginRequest, context: Context
+    ) -> user_service_pb2.LoginResponse:
+        """Check the password, counting failures per account and per client address."""
+        email = request.email.strip().lower()
+        window = self._settings.login_failure_window_seconds
+        limit = self._settings.login_max_failures
+        keys = (f"login:account:{email}", f"login:client:{_client_address(context)}")
+        # A client address may front many honest users (a NAT, an office): it gets more room.
+        if await self._counters.get(keys[0]) >= limit or await self._counters.get(keys[1]) >= limit * 4:
+            raise ResourceExhausted("too many failed logins; try again later", retry_after_seconds=window)
+        stored = await self._users.by_email(email)
+        if not await self._passwords.verify(stored["password_hash"] if stored else None, request.password):
+            for key in keys:
+                await self._counters.incr(key, window)
+            raise Unauthenticated(INVALID_LOGIN)
+        assert stored is not None  # verify() is False without a stored hash
+        await self._counters.reset(keys[0])
+        if self._passwords.needs_rehash(stored["password_hash"]):
+            await self._users.update(stored["_id"], {"password_hash": await self._passwords.hash(request.password)})
+        issued = await self._tokens.open_session(stored["_id"], stored["role"])
+        return user_service_pb2.LoginResponse(user=self._to_user(stored), tokens=_token_pair(issued))
+
+    async def RefreshToken(  # noqa: N802
+        self, request: user_service_pb2.RefreshTokenRequest, context: Context
+    ) -> user_service_pb2.RefreshTokenResponse:
+        """Rotate the refresh token."""
+        issued = await self._tokens.rotate(request.refresh_token)
+        return user_service_pb2.RefreshTokenResponse(tokens=_token_pair(issued))
+
+    async def Logout(  # noqa: N802
+        self, request: user_service_pb2.LogoutRequest, context: Context
+    ) -> user_service_pb2.LogoutResponse:
+        """End the session the refresh token belongs to, if it is the caller's."""
+        principal = auth.current_principal()
+        session = await self._tokens.session_of(request.refresh_token)
+        if session is not None and (session["user_id"] == principal.user_id or principal.is_admin):
+            await self._tokens.revoke_session(str(session["_id"]))
+        return user_service_pb2.LogoutResponse()
+
+    async def GetJwks(  # noqa: N802
+        self, request: user_service_pb2.GetJwksRequest, context: Context
+    ) -> user_service_pb2.GetJwksResponse:
+        """The public signing keys."""
+        return self._jwks
+
+    # --- profile ----------------------------------------------------------------------------
+
+    async def GetUser(self, request: user_service_pb2.GetUserRequest, context: Context) -> user_pb2.User:  # noqa: N802
+        """The caller's (or, for an admin, anyone's) profile."""
+        return self._to_user(await self._owned(user_id_of(request.name)))
+
+    async def UpdateUser(  # noqa: N802
+        self, request: user_service_pb2.UpdateUserRequest, context: Context
+    ) -> user_pb2.User:
+        """Apply the masked profile fields."""
+        user_id = user_id_of(request.user.name)
+        stored = await self._owned(user_id)
+        current = self._to_user(stored)
+        updated, paths = apply_update_mask(current, request.user, request.update_mask, PROFILE_FIELDS)
+        if "display_name" in paths and not updated.display_name.strip():
+            raise InvalidArgument.field("user.display_name", "must not be empty")
+        if request.user.etag and request.user.etag != current.etag:
+            raise Aborted("the profile changed since it was read; read it again and retry")
+        changes = {
+            "display_name": updated.display_name.strip(),
+            "birth_date": updated.birth_date,
+            "height_cm": updated.height_cm,
+            "weight_kg": updated.weight_kg,
+            "fitness_level": user_pb2.FitnessLevel.Name(updated.fitness_level),
+        }
+        result = await self._users.update(user_id, changes, request.user.etag)
+        if result is None:
+            await self._owned(user_id)
+            raise Aborted("the profile changed concurrently; read it again and retry")
+        return self._to_user(result)
+
+    async def DeleteUser(  # noqa: N802
+        self, request: user_service_pb2.DeleteUserRequest, context: Context
+    ) -> user_service_pb2.DeleteUserResponse:
+        """Delete the account and end all its sessions."""
+        user_id = user_id_of(request.name)
+        await self._owned(user_id)
+        await self._tokens.revoke_user(user_id)
+        await self._users.delete(user_id)
+        return user_service_pb2.DeleteUserResponse()
+
+    # --- preferences ------------------------------------------------------------------------
+
+    async def GetPreferences(  # noqa: N802
+        self, request: user_service_pb2.GetPreferencesRequest, context: Context
+    ) -> user_pb2.Preferences:
+        """The caller's preferences."""
+        user_id = user_id_of(request.name, "/preferences")
+        return self._to_preferences(await self._owned(user_id))
+
+    async def UpdatePreferences(  # noqa: N802
+        self, request: user_service_pb2.UpdatePreferencesRequest, context: Context
+    ) -> user_pb2.Preferences:
+        """Apply the masked preferences."""
+        user_id = user_id_of(request.preferences.name, "/preferences")
+        current = self._to_preferences(await self._owned(user_id))
+        updated, _ = apply_update_mask(current, request.preferences, request.update_mask, PREFERENCE_FIELDS)
+        updated.ClearField("name")
+        updated.ClearField("update_time")
+        document = json_format.MessageToDict(updated, preserving_proto_field_name=True)
+        result = await self._users.update(user_id, {"preferences": {**document, "update_time": now()}})
+        if result is None:
+            await self._owned(user_id)
+            raise Aborted("the preferences changed concurrently; read them again and retry")
+        return self._to_preferences(result)
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    async def _owned(self, user_id: str) -> Document:
+        """The user document, if the caller may see it; NOT_FOUND otherwise."""
+        auth.require_owner(user_id)
+        stored = await self._users.get(user_id)
+        if stored is None:
+            raise NotFound(f"users/{user_id} not found")
+        return stored
+
+    def _to_user(self, doc: Document) -> user_pb2.User:
+        return user_pb2.User(
+            name=f"users/{doc['_id']}",
+            email=doc["email"],
+            display_name=doc["display_name"],
+            birth_date=doc.get("birth_date", ""),
+            height_cm=doc.get("height_cm", 0.0),
+            weight_kg=doc.get("weight_kg", 0.0),
+            fitness_level=user_pb2.FitnessLevel.Value(doc.get("fitness_level", "FITNESS_LEVEL_UNSPECIFIED")),
+            role=user_pb2.ROLE_ADMIN if doc.get("role") == "admin" else user_pb2.ROLE_MEMBER,
+            create_time=to_timestamp(doc["create_time"]),
+            update_time=to_timestamp(doc["update_time"]),
+            etag=profile_etag(doc),
+        )
+
+    def _to_preferences(self, doc: Document) -> user_pb2.Preferences:
+        stored = dict(doc.get("preferences") or default_preferences())
+        update_time = stored.pop("update_time", doc["update_time"])
+        prefs = json_format.ParseDict(stored, user_pb2.Preferences(), ignore_unknown_fields=True)
+        prefs.name = f"users/{doc['_id']}/preferences"
+        prefs.update_time.FromDatetime(update_time)
+        return prefs
+
+
+def _token_pair(issued: IssuedTokens) -> user_pb2.TokenPair:
+    return user_pb2.TokenPair(
+        access_token=issued.access_token,
+        access_token_expire_time=to_timestamp(issued.access_expires),
+        refresh_token=issued.refresh_token,
+        refresh_token_expire_time=to_timestamp(issued.refresh_expires),
+        token_type="Bearer",  # noqa: S106 - the OAuth token type, not a secret
+    )
+
+
+def _client_address(context: Context) -> str:
+    """The caller's address: the edge's X-Forwarded-For first hop when present, else the peer."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-forwarded-for":
+            text = value.decode() if isinstance(value, bytes) else value
+            return text.split(",")[0].strip()
+    peer = context.peer() or "unknown"
+    return peer.rsplit(":", 1)[0]

@@ -1,0 +1,32 @@
+"""Session-wide fixtures: real Redis and MongoDB-protocol (FerretDB) servers, started on first use.
+
+Sub-directory conftests (tests/<service>/conftest.py) build their own fixtures on these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.servers import start_ferretdb, start_redis
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a Redis server private to this test session (database 0)."""
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a MongoDB wire-protocol server (FerretDB on SQLite) private to this test session."""
+    server = start_ferretdb(tmp_path_factory.mktemp("ferretdb"))
+    try:
+        yield server.url
+    finally:
+        server.stop()

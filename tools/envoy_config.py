@@ -1,0 +1,857 @@
+"""Render the Envoy edge bootstrap from the contracts and a small topology.
+
+One source of truth: the descriptor set (``envoy/generated/fittracker.binpb``, written by
+``tools/gen.py``) says which gRPC services exist, their full names and which methods stream; the
+topology says where each domain's replicas listen. Everything else in the config follows from
+those two and a handful of edge options (ports, CORS origins, limits).
+
+``python tools/envoy_config.py`` rewrites ``envoy/generated/envoy.yaml`` for the default local
+topology (every domain of the descriptor, ``DEFAULT_REPLICAS`` replicas on the port scheme of
+``replica_port``); ``--check`` fails when that committed file is stale; the other flags render a
+config for any ports and paths into any file, which is what ``tools/devstack.py`` and the edge
+tests do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from google.protobuf import descriptor_pb2
+
+ROOT = Path(__file__).resolve().parent.parent
+DESCRIPTOR = Path("envoy/generated/fittracker.binpb")
+OUTPUT = Path("envoy/generated/envoy.yaml")
+
+#: The port replica 0 of each domain listens on; the same map as services.runtime.settings.
+BASE_PORTS: dict[str, int] = {"user": 50051, "workout": 50052, "ai": 50053, "notification": 50054, "analytics": 50055}
+#: Replica i of a domain listens on its base port + i * REPLICA_PORT_STRIDE (50051, 50061, ...),
+#: so replica 0 keeps the documented default port and the domains never collide below 10 replicas.
+REPLICA_PORT_STRIDE = 10
+DEFAULT_REPLICAS = 2
+
+#: Methods callable without an access token. Must equal the union of the services' own
+#: ``PUBLIC_METHODS`` (tests/edge checks it), since services enforce the same rule behind the edge.
+PUBLIC_METHODS = (
+    "/fittracker.user.v1.UserService/Register",
+    "/fittracker.user.v1.UserService/Login",
+    "/fittracker.user.v1.UserService/RefreshToken",
+    "/fittracker.user.v1.UserService/GetJwks",
+)
+JWT_ISSUER = "https://auth.fittracker.app"
+JWT_AUDIENCE = "fittracker-api"
+#: Headers the edge sets from a verified token; removed from every incoming request first so
+#: that a client can never forge them on a route where the token is optional.
+JWT_PAYLOAD_HEADER = "x-jwt-payload"
+USER_ID_HEADER = "x-user-id"
+DEFAULT_CORS_ORIGINS = ("http://localhost:3000", "http://localhost:5173")
+MIB = 1024 * 1024
+
+_PACKAGE = re.compile(r"^fittracker\.([a-z][a-z0-9_]*)\.v\d+$")
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs: the services of the descriptor set, the topology, the edge options.
+
+
+@dataclass(frozen=True)
+class Method:
+    """One RPC of a gRPC service."""
+
+    name: str
+    client_streaming: bool
+    server_streaming: bool
+
+
+@dataclass(frozen=True)
+class GrpcService:
+    """A gRPC service of the contracts and the domain (process) that serves it."""
+
+    full_name: str
+    domain: str
+    methods: tuple[Method, ...]
+
+    @property
+    def prefix(self) -> str:
+        """The HTTP/2 path prefix of its methods, e.g. ``/fittracker.user.v1.UserService/``."""
+        return f"/{self.full_name}/"
+
+
+class Address(NamedTuple):
+    """A replica's host and port."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        """Parse ``host:port``."""
+        host, sep, port = text.strip().rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"expected host:port, got {text!r}")
+        return cls(host, int(port))
+
+    def __str__(self) -> str:
+        """``host:port``."""
+        return f"{self.host}:{self.port}"
+
+
+#: Where each domain's replicas listen, e.g. {"user": (Address("127.0.0.1", 50051), ...)}.
+Topology = Mapping[str, Sequence[Address]]
+
+
+@dataclass(frozen=True)
+class EdgeOptions:
+    """Everything about the edge that is not derived from the contracts or the topology."""
+
+    listen_address: str = "127.0.0.1"
+    listen_port: int = 8080
+    admin_port: int = 9901
+    #: Paths as Envoy will open them: relative ones resolve against Envoy's working directory.
+    descriptor_path: str = str(DESCRIPTOR)
+    jwks_path: str = ".data/keys/jwks.json"
+    cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
+    max_request_bytes: int = 1 * MIB
+    #: Requests per second the whole edge admits before answering 429; 0 turns the limit off.
+    rate_limit_rps: int = 5000
+    #: OTLP gRPC collector ("host:port") for the edge's spans; empty keeps them unexported.
+    otlp_endpoint: str = ""
+    extra_clusters: Mapping[str, Sequence[Address]] = field(default_factory=dict)
+
+
+def read_services(descriptor_path: Path) -> list[GrpcService]:
+    """The FitTracker gRPC services of a descriptor set, sorted by full name."""
+    files = descriptor_pb2.FileDescriptorSet.FromString(descriptor_path.read_bytes())
+    found: list[GrpcService] = []
+    for proto in files.file:
+        match = _PACKAGE.match(proto.package)
+        if match is None:
+            continue
+        for service in proto.service:
+            methods = tuple(
+                Method(m.name, m.client_streaming, m.server_streaming) for m in service.method
+            )
+            found.append(GrpcService(f"{proto.package}.{service.name}", match.group(1), methods))
+    return sorted(found, key=lambda s: s.full_name)
+
+
+def replica_port(domain: str, replica: int) -> int:
+    """The local port of ``domain``'s replica number ``replica`` (see REPLICA_PORT_STRIDE)."""
+    return BASE_PORTS[domain] + REPLICA_PORT_STRIDE * replica
+
+
+def default_topology(domains: Iterable[str], replicas: int = DEFAULT_REPLICAS, host: str = "127.0.0.1") -> Topology:
+    """Every domain with ``replicas`` local replicas on the documented port scheme."""
+    return {d: tuple(Address(host, replica_port(d, i)) for i in range(replicas)) for d in sorted(set(domains))}
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny YAML writer: PyYAML cannot write comments, and the config must explain its knobs.
+
+
+@dataclass(frozen=True)
+class Commented:
+    """A value written with a ``# why`` line above its key (or list item)."""
+
+    why: str
+    value: Yaml
+
+
+Yaml = None | bool | int | float | str | list["Yaml"] | dict[str, "Yaml"] | Commented
+
+
+def why(reason: str, value: Yaml) -> Commented:
+    """Attach a one-line reason to a config value."""
+    return Commented(reason, value)
+
+
+_PLAIN = re.compile(r"^[A-Za-z_/][A-Za-z0-9_./:*-]*$")
+_RESERVED = {"true", "false", "yes", "no", "on", "off", "null", "y", "n", "~"}
+
+
+def _scalar(value: Yaml, *, flow: bool = False) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        plain = _PLAIN.match(value) and not value.endswith(":") and value.lower() not in _RESERVED
+        # Inside {...} a colon is a separator to some parsers: quote such strings there.
+        if plain and not (flow and ":" in value):
+            return value
+        # A JSON string is a valid YAML double-quoted scalar, escapes included.
+        return json.dumps(value)
+    raise TypeError(f"not a scalar: {value!r}")
+
+
+#: Mappings and sequences whose one-line form fits in this many characters are written inline,
+#: as in hand-written Envoy configs: ``socket_address: {address: 127.0.0.1, port_value: 8080}``.
+_FLOW_WIDTH = 72
+
+
+def _flow(value: Yaml) -> str | None:
+    """The inline form of ``value``, or None when it is too long or carries comments."""
+    if isinstance(value, Commented):
+        return None
+    if isinstance(value, dict):
+        parts = [(_scalar(k, flow=True), _flow(v)) for k, v in value.items()]
+        if any(v is None for _, v in parts):
+            return None
+        text = "{" + ", ".join(f"{k}: {v}" for k, v in parts) + "}"
+    elif isinstance(value, list):
+        items = [_flow(v) for v in value]
+        if any(v is None for v in items):
+            return None
+        text = "[" + ", ".join(v for v in items if v is not None) + "]"
+    else:
+        return _scalar(value, flow=True)
+    return text if len(text) <= _FLOW_WIDTH else None
+
+
+def _entries(value: dict[str, Yaml] | list[Yaml]) -> list[tuple[str | None, Yaml]]:
+    """(key, value) pairs of a mapping, (None, item) pairs of a sequence."""
+    return list(value.items()) if isinstance(value, dict) else [(None, item) for item in value]
+
+
+def _emit(value: dict[str, Yaml] | list[Yaml], indent: int, out: list[str], said: set[str]) -> None:
+    """Append the block lines of a non-empty mapping or sequence at ``indent`` spaces.
+
+    A reason is written at its first occurrence only (``said``): repeated knobs, such as every
+    cluster's, are explained once.
+    """
+    pad = " " * indent
+    for key, entry in _entries(value):
+        item = entry
+        if isinstance(item, Commented):
+            if item.why not in said:
+                out.append(f"{pad}# {item.why}")
+                said.add(item.why)
+            item = item.value
+        lead = f"{pad}{_scalar(key)}:" if key is not None else f"{pad}-"
+        inline = _flow(item) if isinstance(item, dict | list) else None
+        if not isinstance(item, dict | list):
+            out.append(f"{lead} {_scalar(item)}")
+        elif inline is not None:
+            out.append(f"{lead} {inline}")
+        elif key is None and isinstance(item, dict):
+            # "- first_key: ..." with the rest of the mapping aligned under first_key.
+            nested: list[str] = []
+            _emit(item, indent + 2, nested, said)
+            first = next(i for i, line in enumerate(nested) if not line.lstrip().startswith("#"))
+            out.extend(nested[:first])
+            out.append(f"{pad}- {nested[first][indent + 2:]}")
+            out.extend(nested[first + 1:])
+        else:
+            out.append(lead)
+            _emit(item, indent + 2, out, said)
+
+
+def to_yaml(document: dict[str, Yaml], header: str) -> str:
+    """Write ``document`` as block YAML with its comments, ``header`` as the opening comment."""
+    out = [f"# {line}".rstrip() for line in header.splitlines()]
+    said: set[str] = set()
+    for key, value in document.items():
+        out.append("")
+        _emit({key: value}, 0, out, said)
+    return "\n".join(out) + "\n"
+
+
+def plain(value: Yaml) -> object:
+    """``value`` without its comments: what a YAML parser reads back (used by the tests)."""
+    if isinstance(value, Commented):
+        return plain(value.value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# The config, one builder per concern.
+
+_TYPE = "type.googleapis.com/"
+
+
+def _typed(type_name: str, **fields: Yaml) -> dict[str, Yaml]:
+    return {"@type": _TYPE + type_name, **fields}
+
+
+def _access_log() -> list[Yaml]:
+    """JSON lines on stdout, one per request, joinable with the services' logs by trace id."""
+    fields: dict[str, Yaml] = {
+        "time": "%START_TIME%",
+        "request_id": "%REQ(X-REQUEST-ID)%",
+        # Set when tracing is on (an OTLP collector is configured); traceparent when the client sent one.
+        "trace_id": "%TRACE_ID%",
+        "traceparent": "%REQ(TRACEPARENT)%",
+        "method": "%REQ(:METHOD)%",
+        # The path the client sent; the transcoder keeps it here after rewriting :path.
+        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+        "grpc_method": "%REQ(:PATH)%",
+        "content_type": "%REQ(CONTENT-TYPE)%",
+        "protocol": "%PROTOCOL%",
+        "status": "%RESPONSE_CODE%",
+        "grpc_status": "%GRPC_STATUS_NUMBER%",
+        "flags": "%RESPONSE_FLAGS%",
+        "details": "%RESPONSE_CODE_DETAILS%",
+        "duration_ms": "%DURATION%",
+        "upstream_ms": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+        "upstream_cluster": "%UPSTREAM_CLUSTER%",
+        "upstream_host": "%UPSTREAM_HOST%",
+        "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+        "user_id": f"%REQ({USER_ID_HEADER.upper()})%",
+        "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+        "bytes_in": "%BYTES_RECEIVED%",
+        "bytes_out": "%BYTES_SENT%",
+        "user_agent": "%REQ(USER-AGENT)%",
+    }
+    return [{
+        "name": "envoy.access_loggers.stdout",
+        "filter": why("Load balancers' /healthz probes would drown the real traffic.", {"not_health_check_filter": {}}),
+        "typed_config": _typed(
+            "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+            log_format={"json_format": fields},
+        ),
+    }]
+
+
+#: google.rpc.Code of each HTTP status Envoy answers by itself (google/rpc/code.proto's mapping),
+#: so JSON clients parse Envoy's errors exactly like the transcoded ones from the services.
+_RPC_CODE_OF_HTTP_STATUS = {
+    400: 3,   # INVALID_ARGUMENT: malformed JSON, unknown query parameter
+    401: 16,  # UNAUTHENTICATED: missing or invalid token
+    403: 7,   # PERMISSION_DENIED
+    404: 5,   # NOT_FOUND: no such route or method
+    413: 8,   # RESOURCE_EXHAUSTED: body over the limit, as gRPC reports an oversized message
+    429: 8,   # RESOURCE_EXHAUSTED: edge rate limit
+    500: 13,  # INTERNAL
+    503: 14,  # UNAVAILABLE: no healthy replica, circuit breaker open
+    504: 4,   # DEADLINE_EXCEEDED: upstream timeout
+}
+
+
+def _local_reply() -> dict[str, Yaml]:
+    """Envoy's own error replies to JSON clients as a google.rpc.Status-shaped JSON body."""
+    grpc_client: Yaml = {"and_filter": {"filters": [
+        # gRPC, or gRPC-Web (whose content type grpc_web rewrote), and not a transcoded JSON call,
+        {"header_filter": {"header": {"name": "content-type", "string_match": {"prefix": "application/grpc"}}}},
+        # since the transcoder keeps the JSON path of the calls it rewrote here.
+        {"header_filter": {"header": {"name": "x-envoy-original-path", "present_match": True,
+                                      "invert_match": True}}},
+    ]}}
+
+    def status_is(op: str, status: int) -> Yaml:
+        # The API requires a runtime key; no runtime layer sets this one, so the default holds.
+        return {"status_code_filter": {"comparison": {
+            "op": op, "value": {"default_value": status, "runtime_key": "edge.local_reply.status"},
+        }}}
+
+    def body(code: int) -> dict[str, Yaml]:
+        return {"json_format": {"code": code, "message": "%LOCAL_REPLY_BODY%", "request_id": "%REQ(X-REQUEST-ID)%"}}
+
+    mappers: list[Yaml] = [why(
+        "First match wins: gRPC callers keep their reply as is (status in grpc-status, grpc-message).",
+        {"filter": grpc_client,
+         "body_format_override": {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"}}},
+    )]
+    mappers += [
+        {"filter": status_is("EQ", status), "body_format_override": body(code)}
+        for status, code in _RPC_CODE_OF_HTTP_STATUS.items()
+    ]
+    mappers.append({"filter": status_is("GE", 400), "body_format_override": body(2)})  # UNKNOWN
+    return {"mappers": mappers}
+
+
+def _cors_policy(origins: Sequence[str]) -> dict[str, Yaml]:
+    return _typed(
+        "envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        allow_origin_string_match=[{"exact": o} for o in origins],
+        allow_methods="GET, POST, PUT, PATCH, DELETE, OPTIONS",
+        allow_headers=(
+            "authorization, content-type, x-grpc-web, x-user-agent, grpc-timeout, "
+            "x-request-id, traceparent, tracestate"
+        ),
+        expose_headers=why(
+            "gRPC-Web clients read the status from these; browsers hide unlisted headers.",
+            "grpc-status, grpc-message, grpc-status-details-bin, x-request-id",
+        ),
+        max_age="86400",
+    )
+
+
+def _jwt_filter(services: Sequence[GrpcService], jwks_path: str) -> dict[str, Yaml]:
+    known = {f"{s.prefix}{m.name}" for s in services for m in s.methods}
+    public = [p for p in PUBLIC_METHODS if p in known]
+    provider = "fittracker"
+    rules: list[Yaml] = [
+        {
+            "match": {"path": path},
+            # Verified when present (a forged token still gets 401), allowed when absent.
+            "requires": {"requires_any": {"requirements": [{"provider_name": provider}, {"allow_missing": {}}]}},
+        }
+        for path in public
+    ]
+    rules.append(why(
+        "Everything else, unknown paths included, needs a valid token: secure by default.",
+        {"match": {"prefix": "/"}, "requires": {"provider_name": provider}},
+    ))
+    return {
+        "name": "envoy.filters.http.jwt_authn",
+        "typed_config": _typed(
+            "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            providers={provider: {
+                "issuer": JWT_ISSUER,
+                "audiences": [JWT_AUDIENCE],
+                "local_jwks": why(
+                    "Written by the user service before Envoy starts; read once, so a new key needs a restart.",
+                    {"filename": jwks_path},
+                ),
+                "forward": why("Services verify the token again (defence in depth): pass it on.", True),
+                "forward_payload_header": JWT_PAYLOAD_HEADER,
+                "claim_to_headers": [{"header_name": USER_ID_HEADER, "claim_name": "sub"}],
+                "clock_skew_seconds": 30,
+                "jwt_cache_config": {"jwt_cache_size": 1000},
+            }},
+            rules=rules,
+            bypass_cors_preflight=why("Browsers never send credentials on a preflight.", True),
+        ),
+    }
+
+
+def _http_filters(services: Sequence[GrpcService], options: EdgeOptions) -> list[Yaml]:
+    filters: list[Yaml] = [
+        why("Answered by Envoy itself for load balancers; fails when a domain has no healthy replica.", {
+            "name": "envoy.filters.http.health_check",
+            "typed_config": _typed(
+                "envoy.extensions.filters.http.health_check.v3.HealthCheck",
+                pass_through_mode=False,
+                headers=[{"name": ":path", "string_match": {"exact": "/healthz"}}],
+                cluster_min_healthy_percentages={
+                    d: {"value": 1.0} for d in sorted({s.domain for s in services})
+                },
+            ),
+        }),
+        why("Identity headers come only from the JWT filter below, never from the client.", {
+            "name": "envoy.filters.http.header_mutation",
+            "typed_config": _typed(
+                "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                mutations={"request_mutations": [{"remove": JWT_PAYLOAD_HEADER}, {"remove": USER_ID_HEADER}]},
+            ),
+        }),
+        why("Before the protocol filters, so preflights are answered for JSON and gRPC-Web paths alike.", {
+            "name": "envoy.filters.http.cors",
+            "typed_config": _typed("envoy.extensions.filters.http.cors.v3.Cors"),
+        }),
+        {
+            "name": "envoy.filters.http.grpc_web",
+            "typed_config": _typed("envoy.extensions.filters.http.grpc_web.v3.GrpcWeb"),
+        },
+    ]
+    if options.rate_limit_rps:
+        filters.append(why("Edge-wide load shedding (429), after CORS and gRPC-Web so browsers can read it.", {
+            "name": "envoy.filters.http.local_ratelimit",
+            "typed_config": _typed(
+                "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+                stat_prefix="edge_rate_limit",
+                token_bucket={
+                    "max_tokens": options.rate_limit_rps * 2,
+                    "tokens_per_fill": options.rate_limit_rps // 10 or 1,
+                    "fill_interval": "0.1s",
+                },
+                filter_enabled={"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+                filter_enforced={"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+            ),
+        }))
+    filters += [
+        why("Before jwt_authn: it rewrites /v1/... to /pkg.Service/Method, which the JWT rules match.", {
+            "name": "envoy.filters.http.grpc_json_transcoder",
+            "typed_config": _typed(
+                "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+                proto_descriptor=options.descriptor_path,
+                services=[s.full_name for s in services],
+                print_options={
+                    "preserve_proto_field_names": True,
+                    "always_print_primitive_fields": True,
+                },
+                convert_grpc_status=why("Errors become a google.rpc.Status JSON body with the right HTTP code.", True),
+                auto_mapping=why("Only the routes declared with google.api.http are public JSON API.", False),
+                request_validation_options=why(
+                    "Strict: a typo'd parameter is a 400, not ignored (unknown body fields it cannot refuse).",
+                    {"reject_unknown_method": True, "reject_unknown_query_parameters": True},
+                ),
+                max_request_body_size=options.max_request_bytes,
+                max_response_body_size=why("The services' own message limit.", 4 * MIB),
+            ),
+        }),
+        _jwt_filter(services, options.jwks_path),
+        why("Caps gRPC and gRPC-Web bodies (413); streaming routes turn it off per route.", {
+            "name": "envoy.filters.http.buffer",
+            "typed_config": _typed(
+                "envoy.extensions.filters.http.buffer.v3.Buffer", max_request_bytes=options.max_request_bytes
+            ),
+        }),
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router"),
+        },
+    ]
+    return filters
+
+
+def _retry_policy(*, streaming: bool = False) -> dict[str, Yaml]:
+    policy: dict[str, Yaml] = {
+        "retry_on": why(
+            "Only failures where the call cannot have run: safe even for non-idempotent methods.",
+            "unavailable,connect-failure,reset-before-request",
+        ),
+        "num_retries": 2,
+        "retry_host_predicate": why("Retry on another replica than the one that failed.", [{
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": _typed("envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"),
+        }]),
+        "host_selection_retry_max_attempts": 3,
+        "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
+    }
+    if not streaming:
+        # A per-try timeout would also cut a healthy stream, so only unary calls get one.
+        policy["per_try_timeout"] = "10s"
+    return policy
+
+
+def _stream_duration(streaming: bool) -> dict[str, Yaml]:
+    if streaming:
+        # No default cap: a subscription lives as long as the client wants, or its grpc-timeout.
+        return {"grpc_timeout_header_max": "3600s"}
+    return {
+        "max_stream_duration": "15s",
+        "grpc_timeout_header_max": why("The services' longest deadline; a client's grpc-timeout wins below it.", "30s"),
+    }
+
+
+def _routes(services: Sequence[GrpcService]) -> list[Yaml]:
+    routes: list[Yaml] = []
+    grpc_content: list[Yaml] = [{"name": "content-type", "string_match": {"prefix": "application/grpc"}}]
+    for service in services:
+        cluster = service.domain
+        for method in service.methods:
+            if not (method.client_streaming or method.server_streaming):
+                continue
+            route: dict[str, Yaml] = {
+                "cluster": cluster,
+                "timeout": "0s",
+                "max_stream_duration": _stream_duration(streaming=True),
+            }
+            per_filter: dict[str, Yaml] = {}
+            if method.client_streaming:
+                # The request is a stream: buffering it whole would break it, and so would a retry.
+                per_filter["envoy.filters.http.buffer"] = _typed(
+                    "envoy.extensions.filters.http.buffer.v3.BufferPerRoute", disabled=True
+                )
+            else:
+                route["retry_policy"] = _retry_policy(streaming=True)
+            entry: dict[str, Yaml] = {
+                "name": f"{service.full_name}.{method.name}",
+                "match": {"path": f"{service.prefix}{method.name}", "headers": list(grpc_content)},
+                "route": route,
+            }
+            if per_filter:
+                entry["typed_per_filter_config"] = per_filter
+            routes.append(why("Streaming: no overall timeout, only the client's grpc-timeout.", entry))
+        routes.append({
+            "name": service.full_name,
+            "match": {"prefix": service.prefix, "headers": list(grpc_content)},
+            "route": {
+                "cluster": cluster,
+                "timeout": why("Off: max_stream_duration below is the one deadline, so grpc-timeout is honoured.",
+                               "0s"),
+                "max_stream_duration": _stream_duration(streaming=False),
+                "retry_policy": _retry_policy(),
+            },
+        })
+    routes.append(why(
+        "Preflights of JSON paths: the CORS filter answers only on a forwarding route; nothing gets past it.",
+        {"name": "cors-preflight",
+         "match": {"prefix": "/", "headers": [{"name": ":method", "string_match": {"exact": "OPTIONS"}}]},
+         "route": {"cluster": services[0].domain}},
+    ))
+    routes.append({"name": "not-found", "match": {"prefix": "/"},
+                   "direct_response": {"status": 404, "body": {"inline_string": "no such route"}}})
+    return routes
+
+
+def _listener(services: Sequence[GrpcService], options: EdgeOptions) -> dict[str, Yaml]:
+    hcm = _typed(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix="edge",
+        codec_type=why("HTTP/1.1 for JSON and gRPC-Web from browsers, HTTP/2 (h2c) for native gRPC.", "AUTO"),
+        generate_request_id=True,
+        always_set_request_id_in_response=why("Clients quote it in bug reports; it keys the access log.", True),
+        use_remote_address=why("The edge faces clients: trust no incoming X-Forwarded-For.", True),
+        normalize_path=why("The JWT rules match on paths, so /a/../b must not sneak past them.", True),
+        merge_slashes=True,
+        path_with_escaped_slashes_action=why("No resource name holds an encoded slash.", "REJECT_REQUEST"),
+        request_headers_timeout=why("Slow-loris guard.", "10s"),
+        stream_idle_timeout=why("Streams silent this long are closed; subscriptions send keep-alives.", "300s"),
+        common_http_protocol_options={"idle_timeout": "3600s", "headers_with_underscores_action": "REJECT_REQUEST"},
+        http2_protocol_options={
+            "max_concurrent_streams": 100,
+            # Envoy's edge guidance: bounded windows keep one client from hogging memory.
+            "initial_stream_window_size": 65536,
+            "initial_connection_window_size": 1048576,
+        },
+        **({"tracing": why("Only with a collector: Envoy's tracer cannot run without an exporter.",
+                           _tracing(options))} if options.otlp_endpoint else {}),
+        access_log=_access_log(),
+        local_reply_config=_local_reply(),
+        route_config={
+            "name": "fittracker",
+            "virtual_hosts": [{
+                "name": "fittracker",
+                "domains": ["*"],
+                "typed_per_filter_config": {"envoy.filters.http.cors": _cors_policy(options.cors_origins)},
+                "routes": _routes(services),
+            }],
+        },
+        http_filters=_http_filters(services, options),
+    )
+    return {
+        "name": "edge",
+        "address": {"socket_address": {"address": options.listen_address, "port_value": options.listen_port}},
+        "per_connection_buffer_limit_bytes": why("Envoy's edge guidance; filters that must buffer raise it.", 32768),
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                        "typed_config": hcm}]}],
+    }
+
+
+def _tracing(options: EdgeOptions) -> dict[str, Yaml]:
+    """Spans to the collector, and W3C traceparent to the services so all logs share a trace id."""
+    return {
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": _typed(
+                "envoy.config.trace.v3.OpenTelemetryConfig",
+                service_name="fittracker-edge",
+                grpc_service={"envoy_grpc": {"cluster_name": "otel-collector"}, "timeout": "1s"},
+            ),
+        },
+    }
+
+
+def _endpoints(name: str, replicas: Sequence[Address]) -> dict[str, Yaml]:
+    return {
+        "cluster_name": name,
+        "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": a.host, "port_value": a.port}}}}
+            for a in replicas
+        ]}],
+    }
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _http2_options() -> dict[str, Yaml]:
+    return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        explicit_http_config={"http2_protocol_options": {
+            "connection_keepalive": why(
+                "Finds dead connections; the services allow pings every 10 s.", {"interval": "30s", "timeout": "5s"}
+            ),
+        }},
+    )}
+
+
+def _cluster(domain: str, replicas: Sequence[Address]) -> dict[str, Yaml]:
+    count = max(len(replicas), 1)
+    return {
+        "name": domain,
+        "type": "STATIC" if all(_is_ip(a.host) for a in replicas) else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "lb_policy": why("Python replicas differ in how busy they are: pick the least loaded of two.",
+                         "LEAST_REQUEST"),
+        "typed_extension_protocol_options": _http2_options(),
+        "load_assignment": _endpoints(domain, replicas),
+        "health_checks": [{
+            "timeout": "1s",
+            "interval": "1s",
+            "unhealthy_threshold": 2,
+            "healthy_threshold": 1,
+            "no_traffic_interval": why("Idle clusters too: a drain is noticed as fast as under traffic.", "1s"),
+            "grpc_health_check": why("'' is the server's overall status: NOT_SERVING while it drains.",
+                                     {"service_name": ""}),
+        }],
+        "outlier_detection": {
+            "consecutive_5xx": 5,
+            "consecutive_gateway_failure": 3,
+            "interval": "5s",
+            "base_ejection_time": "15s",
+            "max_ejection_percent": why("Never eject the last healthy half: overload is not a fault.", 50),
+        },
+        "circuit_breakers": {"thresholds": [why(
+            "Per replica, by Little's law: ~2500 calls/s x 100 ms target = 256 in flight; more only queues.",
+            {
+                "priority": "DEFAULT",
+                "max_connections": 64 * count,
+                "max_pending_requests": 128 * count,
+                "max_requests": 256 * count,
+                "retry_budget": why("Retries may add at most 20 % load, so they cannot snowball.",
+                                    {"budget_percent": {"value": 20.0}, "min_retry_concurrency": 3}),
+                "track_remaining": True,
+            },
+        )]},
+    }
+
+
+def _otel_cluster(endpoint: Address) -> dict[str, Yaml]:
+    return {
+        "name": "otel-collector",
+        "type": "STATIC" if _is_ip(endpoint.host) else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": _http2_options(),
+        "load_assignment": _endpoints("otel-collector", [endpoint]),
+    }
+
+
+def build_config(services: Sequence[GrpcService], topology: Topology, options: EdgeOptions) -> dict[str, Yaml]:
+    """The bootstrap for ``services`` whose domain is in ``topology``; the others are left out."""
+    served = [s for s in services if s.domain in topology]
+    if not served:
+        raise ValueError("the topology names no domain of the descriptor set")
+    clusters: list[Yaml] = [_cluster(d, topology[d]) for d in sorted({s.domain for s in served})]
+    if options.otlp_endpoint:
+        clusters.append(_otel_cluster(Address.parse(options.otlp_endpoint)))
+    return {
+        "node": {"id": "fittracker-edge", "cluster": "fittracker-edge"},
+        "admin": why("Stats, /ready and /clusters; loopback only, it can also stop Envoy.", {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": options.admin_port}},
+        }),
+        "static_resources": {
+            "listeners": [why("One port for JSON, gRPC-Web and native gRPC.", _listener(served, options))],
+            "clusters": clusters,
+        },
+        "overload_manager": why("Caps open client connections, as Envoy's edge guidance asks.", {
+            "resource_monitors": [{
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": _typed(
+                    "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                    max_active_downstream_connections=50000,
+                ),
+            }],
+        }),
+    }
+
+
+HEADER = """\
+Envoy edge of FitTracker. GENERATED by tools/envoy_config.py from envoy/generated/fittracker.binpb
+and the default local topology; do not edit: run `python tools/envoy_config.py` instead.
+Paths are relative: start Envoy from the repository root (`make up` renders its own copy)."""
+
+
+def render(services: Sequence[GrpcService], topology: Topology, options: EdgeOptions) -> str:
+    """The bootstrap YAML text."""
+    return to_yaml(build_config(services, topology, options), HEADER)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _parse_upstream(text: str) -> tuple[str, tuple[Address, ...]]:
+    domain, sep, addresses = text.partition("=")
+    if not sep or not addresses:
+        raise argparse.ArgumentTypeError(f"expected domain=host:port[,host:port...], got {text!r}")
+    try:
+        return domain.strip(), tuple(Address.parse(a) for a in addresses.split(","))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The command line; defaults come from ``env`` (FITTRACKER_* variables)."""
+
+    def number(name: str, default: int) -> int:
+        return int(env.get(name) or default)
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="fail when the committed envoy.yaml is stale")
+    parser.add_argument("--output", type=Path, default=ROOT / OUTPUT, help="where to write (- for stdout)")
+    parser.add_argument("--descriptor", type=Path, default=ROOT / DESCRIPTOR, help="descriptor set to read")
+    parser.add_argument("--descriptor-path", help="descriptor path written into the config (default: as read)")
+    parser.add_argument("--listen-address", default=env.get("FITTRACKER_EDGE_ADDRESS", "127.0.0.1"))
+    parser.add_argument("--listen-port", type=int, default=number("FITTRACKER_EDGE_PORT", 8080))
+    parser.add_argument("--admin-port", type=int, default=number("FITTRACKER_EDGE_ADMIN_PORT", 9901))
+    parser.add_argument("--data-dir", default=env.get("FITTRACKER_DATA_DIR", ".data"))
+    parser.add_argument("--keys-dir", default=env.get("FITTRACKER_JWT_KEYS_DIR", ""),
+                        help="JWKS directory (default <data-dir>/keys)")
+    parser.add_argument("--replicas", type=int, default=number("FITTRACKER_REPLICAS", DEFAULT_REPLICAS),
+                        help="replicas per domain for the default topology")
+    parser.add_argument("--upstream", type=_parse_upstream, action="append", default=[], metavar="DOMAIN=H:P,...",
+                        help="replicas of one domain (repeatable); when given, only these domains are served")
+    parser.add_argument("--cors-origin", action="append", default=[], help="allowed browser origin (repeatable)")
+    parser.add_argument("--max-request-bytes", type=int, default=1 * MIB)
+    parser.add_argument("--rate-limit-rps", type=int, default=number("FITTRACKER_EDGE_RATE_LIMIT_RPS", 5000))
+    parser.add_argument("--otlp-endpoint", default=env.get("FITTRACKER_OTLP_ENDPOINT", ""))
+    return parser
+
+
+def options_from(args: argparse.Namespace) -> tuple[Topology, EdgeOptions, list[GrpcService]]:
+    """Turn parsed arguments into the generator's inputs."""
+    services = read_services(args.descriptor)
+    topology: Topology = dict(args.upstream) or default_topology({s.domain for s in services}, args.replicas)
+    keys_dir = args.keys_dir or os.path.join(args.data_dir, "keys")
+    in_repo = args.descriptor.resolve() == (ROOT / DESCRIPTOR).resolve()
+    options = EdgeOptions(
+        listen_address=args.listen_address,
+        listen_port=args.listen_port,
+        admin_port=args.admin_port,
+        descriptor_path=args.descriptor_path or (str(DESCRIPTOR) if in_repo else str(args.descriptor)),
+        jwks_path=os.path.join(keys_dir, "jwks.json"),
+        cors_origins=tuple(args.cors_origin) or DEFAULT_CORS_ORIGINS,
+        max_request_bytes=args.max_request_bytes,
+        rate_limit_rps=args.rate_limit_rps,
+        otlp_endpoint=args.otlp_endpoint,
+    )
+    return topology, options, services
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: ``python tools/envoy_config.py [--check] [options]``."""
+    args = _parser(os.environ).parse_args(argv)
+    if args.check:
+        # The committed file is the default rendering, whatever the environment or other flags say.
+        topology, options, services = options_from(_parser({}).parse_args([]))
+        text = render(services, topology, options)
+        committed = ROOT / OUTPUT
+        if not committed.exists() or committed.read_text() != text:
+            print(f"{OUTPUT} is stale; run `python tools/envoy_config.py` and commit it", file=sys.stderr)
+            return 1
+        print(f"{OUTPUT} is up to date")
+        return 0
+    topology, options, services = options_from(args)
+    text = render(services, topology, options)
+    if str(args.output) == "-":
+        sys.stdout.write(text)
+    else:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Installs the non-Python tools the tests and load tests need; `make deps` calls it.
+# Idempotent: each step is skipped when its tool is already there at the right version.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BIN="$ROOT/.cache/bin"
+BUILD="$ROOT/.cache/build"
+FERRETDB_VERSION="v1.24.2"
+GHZ_VERSION="v0.93.0"
+mkdir -p "$BIN" "$BUILD"
+
+step() { printf '[deps] %s\n' "$*"; }
+
+# Captured rather than piped into `grep -q`, which under pipefail can fail on SIGPIPE.
+ferretdb_is_current() {
+    local reported
+    reported="$("$BIN/ferretdb" --version 2>/dev/null)" || return 1
+    [[ "$reported" == *"version: $FERRETDB_VERSION"* ]]
+}
+
+# apt-get needs root; use sudo only when we are not root already.
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+APT_UPDATED=0
+
+apt_install() {  # apt_install <command> <package>
+    local cmd="$1" pkg="$2"
+    if command -v "$cmd" >/dev/null 2>&1; then
+        step "$pkg: present ($(command -v "$cmd"))"
+        return
+    fi
+    step "$pkg: installing with apt-get"
+    if [ "$APT_UPDATED" -eq 0 ]; then
+        $SUDO apt-get update -qq
+        APT_UPDATED=1
+    fi
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$pkg" >/dev/null
+}
+
+apt_install redis-server redis-server
+apt_install h2load nghttp2-client
+
+if ! command -v go >/dev/null 2>&1; then
+    export PATH="$PATH:/usr/local/go/bin"
+fi
+if ! command -v go >/dev/null 2>&1; then
+    echo "[deps] Go is required (looked in PATH and /usr/local/go/bin); install Go >= 1.22" >&2
+    exit 1
+fi
+# The Go toolchain's VCS stamping fails in copied module sources and containers without git metadata.
+export GOFLAGS="${GOFLAGS:+$GOFLAGS }-buildvcs=false"
+
+# FerretDB: `go install` leaves build/version/version.txt empty (their release tooling writes it), and
+# the binary then panics at start; so build from a copy of the module source with the file filled in.
+if [ -x "$BIN/ferretdb" ] && ferretdb_is_current; then
+    step "ferretdb $FERRETDB_VERSION: present ($BIN/ferretdb)"
+else
+    step "ferretdb $FERRETDB_VERSION: building into $BIN/ferretdb"
+    src_dir="$(go mod download -json "github.com/FerretDB/FerretDB@$FERRETDB_VERSION" \
+        | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')"
+    if [ -z "$src_dir" ] || [ ! -d "$src_dir" ]; then
+        echo "[deps] go mod download did not report a source directory for FerretDB" >&2
+        exit 1
+    fi
+    rm -rf "$BUILD/ferretdb-src"
+    cp -R "$src_dir" "$BUILD/ferretdb-src"
+    chmod -R u+w "$BUILD/ferretdb-src"
+    printf '%s\n' "$FERRETDB_VERSION" >"$BUILD/ferretdb-src/build/version/version.txt"
+    (cd "$BUILD/ferretdb-src" && go build -o "$BIN/ferretdb" ./cmd/ferretdb)
+    if ! ferretdb_is_current; then
+        echo "[deps] the built $BIN/ferretdb does not report $FERRETDB_VERSION" >&2
+        exit 1
+    fi
+fi
+
+if [ -x "$BIN/ghz" ]; then
+    step "ghz $GHZ_VERSION: present ($BIN/ghz)"
+else
+    step "ghz $GHZ_VERSION: installing into $BIN/ghz"
+    GOBIN="$BIN" go install "github.com/bojand/ghz/cmd/ghz@$GHZ_VERSION"
+fi
