@@ -29,6 +29,9 @@ ALGORITHM = "ES256"
 SIGNING_KEY_FILE = "signing-key.pem"
 JWKS_FILE = "jwks.json"
 ADMIN_ROLE = "admin"
+#: The role of tokens services mint for their own calls to each other (events, fan-out).
+SERVICE_ROLE = "service"
+SERVICE_TOKEN_TTL_SECONDS = 300
 
 
 @dataclass(frozen=True)
@@ -40,11 +43,18 @@ class Principal:
     #: The login session (refresh-token family) the access token belongs to.
     session_id: str
     token_id: str
+    #: The bearer token itself, forwarded when this call makes calls on the user's behalf.
+    token: str = ""
 
     @property
     def is_admin(self) -> bool:
-        """Whether the caller may act on any user's data."""
-        return self.role == ADMIN_ROLE
+        """Whether the caller may act on any user's data: an administrator or another service."""
+        return self.role in (ADMIN_ROLE, SERVICE_ROLE)
+
+    @property
+    def is_service(self) -> bool:
+        """Whether the caller is one of our services rather than a person."""
+        return self.role == SERVICE_ROLE
 
 
 _principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("principal", default=None)
@@ -71,6 +81,12 @@ def set_principal(principal: Principal | None) -> contextvars.Token[Principal | 
 def reset_principal(token: contextvars.Token[Principal | None]) -> None:
     """Undo ``set_principal``."""
     _principal.reset(token)
+
+
+def forwarded_credentials() -> tuple[tuple[str, str], ...]:
+    """Metadata that makes an outgoing call on behalf of the current caller (their own token)."""
+    principal = _principal.get()
+    return (("authorization", f"Bearer {principal.token}"),) if principal and principal.token else ()
 
 
 def resolve_user_id(user_segment: str) -> str:
@@ -150,6 +166,7 @@ class TokenVerifier:
             role=str(claims.get("role", "member")),
             session_id=str(claims.get("sid", "")),
             token_id=str(claims["jti"]),
+            token=token,
         )
 
 
@@ -228,3 +245,38 @@ def _wait_for(path: Path, timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path} did not appear")
         time.sleep(0.01)
+
+
+class ServiceCredentials:
+    """Short-lived tokens with the service role, for calls a service makes on its own behalf.
+
+    They are signed with the key in the shared keys directory. On one machine every service can
+    read it; in a cluster the mesh's mTLS identities (mesh/istio) are what authorise such calls,
+    and this token only carries the caller's name to the handler.
+    """
+
+    def __init__(self, keys_dir: Path, service: str, issuer: str, audience: str) -> None:
+        """Mint tokens for ``service``; the signing key is read on first use."""
+        self._keys_dir = keys_dir
+        self._service = service
+        self._issuer = issuer
+        self._audience = audience
+        self._token = ""
+        self._expires = 0.0
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """``authorization`` metadata with a token valid for at least another minute."""
+        now = time.time()
+        if now > self._expires - 60:
+            key = load_or_create_signing_key(self._keys_dir, allow_create=False)
+            self._expires = now + SERVICE_TOKEN_TTL_SECONDS
+            self._token = jwt.encode(
+                {
+                    "iss": self._issuer, "aud": self._audience, "sub": f"service-{self._service}",
+                    "role": SERVICE_ROLE, "jti": os.urandom(8).hex(), "iat": int(now), "exp": int(self._expires),
+                },
+                key,
+                algorithm=ALGORITHM,
+                headers={"kid": key_id(key.public_key())},
+            )
+        return (("authorization", f"Bearer {self._token}"),)

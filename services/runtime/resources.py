@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
-from services.runtime.auth import JWKS_FILE, TokenVerifier
-from services.runtime.clients import ChannelPool
+from services.runtime.auth import JWKS_FILE, ServiceCredentials, TokenVerifier
+from services.runtime.clients import ChannelPool, ServiceClient
 from services.runtime.counters import Counters, RedisCounters, StoreCounters
 from services.runtime.observability import Metrics
-from services.runtime.settings import Settings
+from services.runtime.settings import ServiceName, Settings
 from services.runtime.storage import DocumentStore, open_store
 
 
@@ -24,6 +24,7 @@ class Resources:
     metrics: Metrics
     verifier: TokenVerifier
     counters: Counters
+    service_credentials: ServiceCredentials
     channels: ChannelPool = field(default_factory=ChannelPool)
 
     @classmethod
@@ -43,7 +44,14 @@ class Resources:
             metrics=metrics,
             verifier=TokenVerifier(settings.keys_dir / JWKS_FILE, settings.jwt_issuer, settings.jwt_audience),
             counters=counters,
+            service_credentials=ServiceCredentials(
+                settings.keys_dir, settings.service, settings.jwt_issuer, settings.jwt_audience
+            ),
         )
+
+    def client(self, service: ServiceName) -> ServiceClient:
+        """The shared client of another service, at its configured address."""
+        return self.channels.client(self.settings.address_of(service))
 
     async def close(self) -> None:
         """Close channels, Redis and the store."""
