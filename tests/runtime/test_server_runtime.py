@@ -189,3 +189,11 @@ def test_workers_share_one_port_and_stop_on_sigterm(tmp_path: Path) -> None:
     assert supervisor.returncode == 0, stderr[-2000:]
     assert stderr.count('"msg": "serving"') == 2, stderr[-2000:]
     assert stderr.count('"msg": "stopped"') == 2, stderr[-2000:]
+
+
+async def test_health_watch_streams_the_status(probe: tuple[RunningService, grpc.aio.Channel]) -> None:
+    _, channel = probe
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE))
+    first = await watch.read()
+    assert first.status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
