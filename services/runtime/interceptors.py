@@ -197,7 +197,8 @@ class CallPipeline(grpc.aio.ServerInterceptor):
         """The status code a call that raised ``error`` ends with."""
         if isinstance(error, DomainError):
             return error.code
-        if isinstance(error, asyncio.CancelledError):
+        if isinstance(error, asyncio.CancelledError | GeneratorExit):
+            # GeneratorExit: the client went away and gRPC closed our response stream.
             return grpc.StatusCode.CANCELLED
         if _is_abort(error):
             return context.code() or grpc.StatusCode.UNKNOWN
@@ -207,7 +208,7 @@ class CallPipeline(grpc.aio.ServerInterceptor):
         """End the call with the status ``error`` maps to, unless gRPC already ended it."""
         if isinstance(error, DomainError):
             await context.abort_with_status(rpc_status.to_status(error.to_status()))
-        if isinstance(error, asyncio.CancelledError) or _is_abort(error):
+        if isinstance(error, asyncio.CancelledError | GeneratorExit) or _is_abort(error):
             return
         trace_id = format(trace.get_current_span().get_span_context().trace_id, "032x")
         log.error(

@@ -49,6 +49,9 @@ class ServiceDefinition:
     background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = ()
     #: Called on shutdown after the server stopped, before shared resources close.
     close: Callable[[], Awaitable[None]] | None = None
+    #: Called as draining starts (health already NOT_SERVING), e.g. to end long-lived streams so
+    #: their clients reconnect to another replica instead of waiting out the grace period.
+    on_drain: Callable[[], Awaitable[None]] | None = None
 
 
 Builder = Callable[[Settings, Resources], Awaitable[ServiceDefinition]]
@@ -68,6 +71,8 @@ class RunningService:
     async def stop(self, grace: float, drain_notice: float = 0.0) -> None:
         """Drain: NOT_SERVING, wait ``drain_notice``, refuse new calls, give in-flight ones ``grace``."""
         await self.health.enter_graceful_shutdown()
+        if self.definition.on_drain is not None:
+            await self.definition.on_drain()
         if drain_notice:
             await asyncio.sleep(drain_notice)
         await self.server.stop(grace)
