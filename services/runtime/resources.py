@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from services.runtime.auth import JWKS_FILE, ServiceCredentials, TokenVerifier
 from services.runtime.clients import ChannelPool, ServiceClient
 from services.runtime.counters import Counters, RedisCounters, StoreCounters
+from services.runtime.events import EventBus, open_bus
 from services.runtime.observability import Metrics
 from services.runtime.settings import ServiceName, Settings
 from services.runtime.storage import DocumentStore, open_store
@@ -16,7 +17,7 @@ from services.runtime.storage import DocumentStore, open_store
 
 @dataclass
 class Resources:
-    """The store, the optional Redis, metrics, the token verifier and outgoing channels."""
+    """The store, the optional Redis, metrics, the token verifier, the event bus and outgoing channels."""
 
     settings: Settings
     store: DocumentStore
@@ -25,6 +26,8 @@ class Resources:
     verifier: TokenVerifier
     counters: Counters
     service_credentials: ServiceCredentials
+    #: Domain events: Redis Streams when Redis is configured, else the machine's embedded log.
+    events: EventBus
     channels: ChannelPool = field(default_factory=ChannelPool)
 
     @classmethod
@@ -37,6 +40,7 @@ class Resources:
         metrics = Metrics()
         if settings.metrics_port:
             metrics.serve(settings.metrics_port + settings.worker_index)
+        events = open_bus(settings, redis, registry=metrics.registry)
         return cls(
             settings=settings,
             store=store,
@@ -47,6 +51,7 @@ class Resources:
             service_credentials=ServiceCredentials(
                 settings.keys_dir, settings.service, settings.jwt_issuer, settings.jwt_audience
             ),
+            events=events,
         )
 
     def client(self, service: ServiceName) -> ServiceClient:
@@ -54,8 +59,9 @@ class Resources:
         return self.channels.client(self.settings.address_of(service))
 
     async def close(self) -> None:
-        """Close channels, Redis and the store."""
+        """Close channels, the event bus, Redis and the store."""
         await self.channels.close()
+        await self.events.close()
         if self.redis is not None:
             await self.redis.aclose()
         await self.store.close()

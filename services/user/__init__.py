@@ -8,12 +8,13 @@ import grpc
 from fittracker.user.v1 import user_service_pb2_grpc
 
 from services.runtime.auth import load_or_create_signing_key, public_jwk
+from services.runtime.events import Outbox
 from services.runtime.resources import Resources
 from services.runtime.server import ServiceDefinition
 from services.runtime.settings import Settings
 from services.user.passwords import Passwords
 from services.user.repository import UserRepository
-from services.user.service import PUBLIC_METHODS, SERVICE, UserService
+from services.user.service import PUBLIC_METHODS, SERVICE, DeletionSaga, UserService
 from services.user.tokens import TokenService
 
 
@@ -31,6 +32,10 @@ async def build(settings: Settings, resources: Resources) -> ServiceDefinition:
     )
     await users.ensure()
     await tokens.ensure()
+    outbox = Outbox(resources.store, resources.events)
+    await outbox.ensure()
+    deletions = DeletionSaga(resources.store, users, outbox)
+    await deletions.ensure()
     servicer = UserService(
         settings,
         users,
@@ -38,9 +43,16 @@ async def build(settings: Settings, resources: Resources) -> ServiceDefinition:
         Passwords(time_cost=settings.argon2_time_cost, memory_kib=settings.argon2_memory_kib),
         resources.counters,
         jwks=[public_jwk(signing_key.public_key())],
+        outbox=outbox,
+        deletions=deletions,
     )
 
     def register(server: grpc.aio.Server) -> None:
         user_service_pb2_grpc.add_UserServiceServicer_to_server(servicer, server)
 
-    return ServiceDefinition(service_names=[SERVICE], register=register, public_methods=PUBLIC_METHODS)
+    return ServiceDefinition(
+        service_names=[SERVICE],
+        register=register,
+        public_methods=PUBLIC_METHODS,
+        background=[outbox.relay, deletions.consumer(resources.events, resources.store), deletions.recover],
+    )

@@ -1,20 +1,29 @@
-"""The user service's domain: accounts, authentication, profiles and preferences."""
+"""The user service's domain: accounts, authentication, profiles and preferences.
+
+It also produces the account events: UserRegistered, and UserDeleted, the first step of the
+deletion saga that ``DeletionSaga`` drives (see its docstring).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
+from datetime import UTC, timedelta
 from typing import Any
 
 import grpc
+from fittracker.events.v1 import events_pb2
 from fittracker.user.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
 from google.protobuf import json_format
 
 from services.runtime import auth
 from services.runtime.counters import Counters
 from services.runtime.errors import Aborted, InvalidArgument, NotFound, ResourceExhausted, Unauthenticated
+from services.runtime.events import EventBus, Job, Outbox, fact_id, make_envelope, stop_if_cancelled, stream_of
 from services.runtime.fieldmask import apply_update_mask
-from services.runtime.settings import Settings
-from services.runtime.storage import Document
+from services.runtime.settings import ServiceName, Settings
+from services.runtime.storage import CollectionSpec, Document, DocumentStore, IndexSpec
 from services.runtime.timeutil import now, to_timestamp
 from services.user.passwords import Passwords
 from services.user.repository import PROFILE_FIELDS, UserRepository, profile_etag
@@ -26,6 +35,12 @@ PUBLIC_METHODS = frozenset(f"/{SERVICE}/{m}" for m in ("Register", "Login", "Ref
 REQUEST_ID_NAMESPACE = uuid.UUID("6f1c2a52-4c55-4d0e-9a43-2b7f1f0c9e11")
 PREFERENCE_FIELDS = ("unit_system", "goals", "notifications", "time_zone")
 INVALID_LOGIN = "email or password is incorrect"
+#: The services holding user data: each answers UserDeleted with DataErased.
+ERASING_SERVICES: tuple[ServiceName, ...] = ("workout", "ai", "notification", "analytics")
+#: The consumer group of the user service (it consumes DataErased).
+EVENTS_GROUP = "user"
+
+log = logging.getLogger("fittracker.user")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -56,6 +71,8 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         passwords: Passwords,
         counters: Counters,
         jwks: list[dict[str, str]],
+        outbox: Outbox,
+        deletions: DeletionSaga,
     ) -> None:
         """Take every dependency from the caller (built once at start)."""
         self._settings = settings
@@ -63,6 +80,8 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         self._tokens = tokens
         self._passwords = passwords
         self._counters = counters
+        self._outbox = outbox
+        self._deletions = deletions
         self._jwks = user_service_pb2.GetJwksResponse(keys=[user_pb2.JsonWebKey(**k) for k in jwks])
         self._admins = {e.strip().lower() for e in settings.admin_emails.split(",") if e.strip()}
 
@@ -96,6 +115,9 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         if not created and not await self._passwords.verify(stored["password_hash"], request.password):
             # A replayed request id with another password must not hand out the account.
             raise InvalidArgument.field("request_id", "was already used by a different request")
+        # Added on a replay too: if the first attempt died between the insert and this line, the
+        # client's retry still announces the account; the fact id makes a second add a no-op.
+        await self._outbox.add(registered_event(stored))
         issued = await self._tokens.open_session(stored["_id"], stored["role"])
         return user_service_pb2.RegisterResponse(user=self._to_user(stored), tokens=_token_pair(issued))
 
@@ -179,11 +201,13 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
     async def DeleteUser(  # noqa: N802
         self, request: user_service_pb2.DeleteUserRequest, context: Context
     ) -> user_service_pb2.DeleteUserResponse:
-        """Delete the account and end all its sessions."""
+        """Delete the account, end all its sessions, and start the erasure of its data everywhere."""
         user_id = user_id_of(request.name)
         await self._owned(user_id)
+        saga = await self._deletions.begin(user_id)
         await self._tokens.revoke_user(user_id)
         await self._users.delete(user_id)
+        await self._deletions.announce(saga)
         return user_service_pb2.DeleteUserResponse()
 
     # --- preferences ------------------------------------------------------------------------
@@ -243,6 +267,173 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         prefs.name = f"users/{doc['_id']}/preferences"
         prefs.update_time.FromDatetime(update_time)
         return prefs
+
+
+def registered_event(user: Document) -> events_pb2.EventEnvelope:
+    """UserRegistered for a stored user; the same document always gives the same event id.
+
+    The creation time is part of the fact: an id recreated later (Register replays its request id
+    after the account was deleted) is a new account, and its event must not be taken for the old one.
+    """
+    created = user["create_time"]
+    return make_envelope(
+        "user",
+        user["_id"],
+        events_pb2.UserRegistered(display_name=user["display_name"]),
+        event_id=fact_id("user.registered", user["_id"], str(int(created.timestamp() * 1000))),
+        occur_time=created,
+    )
+
+
+DELETIONS = CollectionSpec(
+    name="deletions",
+    shard_key=("_id",),
+    why="a saga is read and updated by its deletion_request_id; the user_id and status lookups "
+    "(a retried deletion, the recovery sweep) are rare and may scatter",
+    indexes=(IndexSpec("user_id", (("user_id", 1),)), IndexSpec("status", (("status", 1),))),
+)
+
+
+class DeletionSaga:
+    """The user side of account deletion: announce it, then record which services have erased.
+
+    A saga document in ``deletions`` goes through three states:
+
+    - ``deleting``: written before anything is deleted, with a new deletion_request_id;
+    - ``erasing``: the account is gone and UserDeleted is in the outbox (event id
+      ``fact_id("user.deleted", user_id, deletion_request_id)``), so the relay publishes it;
+    - ``complete``: every service in ``expected_services`` answered with DataErased
+      (``answers`` maps each service to its erase time).
+
+    How it survives failures, step by step:
+
+    - A crash after ``deleting`` but before the account is deleted: the client's retried
+      DeleteUser finds the same saga (``begin`` reuses it). If nobody retries, ``recover`` marks it
+      ``abandoned`` once ``recover_after_seconds`` have passed with the account still there.
+    - A crash after the account is deleted but before UserDeleted reached the outbox: nothing
+      would announce it, so ``recover`` adds it for sagas stuck in ``deleting`` whose account is
+      gone. ``recover_after_seconds`` exceeds the longest call deadline, so it never races a
+      DeleteUser still in progress.
+    - UserDeleted and DataErased travel at-least-once (outbox relay, consumer groups with retries,
+      reclaim and dead letters), so each may arrive more than once. Each service erases
+      idempotently (deleting what is left of a user twice deletes nothing the second time) and
+      may answer twice; recording an answer is a ``$set`` of the same value, so repeats are harmless.
+    - A service that is down answers when it is back: its group's entries wait in the stream.
+      A saga still ``erasing`` long after its request_time names the services that never answered.
+    """
+
+    def __init__(
+        self,
+        store: DocumentStore,
+        users: UserRepository,
+        outbox: Outbox,
+        *,
+        expected_services: tuple[str, ...] = ERASING_SERVICES,
+        recover_after_seconds: float = 120.0,
+        recover_interval_seconds: float = 30.0,
+    ) -> None:
+        """Keep sagas in ``store``'s ``deletions`` collection and announce them through ``outbox``."""
+        self._store = store
+        self._sagas = store.collection(DELETIONS)
+        self._users = users
+        self._outbox = outbox
+        self._expected = expected_services
+        self._recover_after = timedelta(seconds=recover_after_seconds)
+        self._recover_interval = recover_interval_seconds
+
+    async def ensure(self) -> None:
+        """Create the collection's indexes."""
+        await self._store.ensure([DELETIONS])
+
+    async def get(self, deletion_request_id: str) -> Document | None:
+        """The saga document, or None."""
+        return await self._sagas.get(deletion_request_id)
+
+    async def begin(self, user_id: str) -> Document:
+        """The saga that deletes ``user_id``: one left unfinished by an earlier attempt, or a new one."""
+        existing = await self._sagas.find_one({"user_id": user_id, "status": "deleting"})
+        if existing is not None:
+            return existing
+        saga: Document = {
+            "_id": uuid.uuid4().hex,
+            "user_id": user_id,
+            "expected_services": list(self._expected),
+            "answers": {},
+            "status": "deleting",
+            "request_time": now(),
+        }
+        await self._sagas.insert(saga)
+        return saga
+
+    async def announce(self, saga: Document) -> None:
+        """Put UserDeleted in the outbox and move the saga to ``erasing``; idempotent."""
+        request_id = saga["_id"]
+        await self._outbox.add(
+            make_envelope(
+                "user",
+                saga["user_id"],
+                events_pb2.UserDeleted(deletion_request_id=request_id, expected_services=saga["expected_services"]),
+                event_id=fact_id("user.deleted", saga["user_id"], request_id),
+            )
+        )
+        await self._sagas.update_one(
+            {"_id": request_id, "status": "deleting"}, {"$set": {"status": "erasing", "announce_time": now()}}
+        )
+
+    async def on_event(self, envelope: events_pb2.EventEnvelope) -> None:
+        """Record a DataErased answer (the handler of group "user"); other events are ignored."""
+        if envelope.WhichOneof("payload") != "data_erased":
+            return
+        erased = envelope.data_erased
+        service = erased.service or envelope.producer
+        saga = await self._sagas.get(erased.deletion_request_id)
+        fields = {"deletion_request_id": erased.deletion_request_id, "service": service}
+        if saga is None or envelope.user != f"users/{saga['user_id']}":
+            log.warning("DataErased answers no known deletion; ignored", extra={"fields": fields})
+            return
+        erase_time = erased.erase_time if erased.HasField("erase_time") else envelope.occur_time
+        updated = await self._sagas.update_one(
+            {"_id": saga["_id"]}, {"$set": {f"answers.{service}": erase_time.ToDatetime(tzinfo=UTC)}}
+        )
+        answered = set((updated or saga).get("answers", {}))
+        waiting = sorted(set(saga["expected_services"]) - answered)
+        log.info("data erased", extra={"fields": {**fields, "waiting_for": waiting}})
+        if not waiting:
+            await self._sagas.update_one(
+                {"_id": saga["_id"], "status": {"$ne": "complete"}},
+                {"$set": {"status": "complete", "complete_time": now()}},
+            )
+
+    def consumer(self, bus: EventBus, store: DocumentStore) -> Job:
+        """The background job consuming DataErased from every service that erases data."""
+        return bus.consumer(EVENTS_GROUP, [stream_of(s) for s in self._expected], self.on_event, store)
+
+    async def recover(self) -> None:
+        """Background job: finish sagas a crash interrupted (see the class docstring)."""
+        while True:
+            # A periodic sweep, not synchronisation: interrupted sagas are rare and not urgent.
+            await asyncio.sleep(self._recover_interval)
+            stop_if_cancelled()
+            try:
+                await self.recover_once()
+            except Exception:
+                log.exception("deletion recovery failed; will try again")
+
+    async def recover_once(self) -> int:
+        """Announce or abandon sagas stuck in ``deleting``; return how many were announced."""
+        stuck = await self._sagas.find(
+            {"status": "deleting", "request_time": {"$lte": now() - self._recover_after}}, limit=100
+        )
+        announced = 0
+        for saga in stuck:
+            if await self._users.get(saga["user_id"]) is not None:
+                await self._sagas.update_one(
+                    {"_id": saga["_id"], "status": "deleting"}, {"$set": {"status": "abandoned"}}
+                )
+                continue
+            await self.announce(saga)
+            announced += 1
+        return announced
 
 
 def _token_pair(issued: IssuedTokens) -> user_pb2.TokenPair:
