@@ -191,7 +191,9 @@ class Routine(_message.Message):
     name: _builtins.str
     """The resource name, "users/{user}/routines/{routine}". Assigned by the server."""
     display_name: _builtins.str
-    """The name shown in the apps, e.g. "Push day"."""
+    """The name shown in the apps, e.g. "Push day". Required on create; empty in an update whose
+    mask does not name it means "not sent".
+    """
     description: _builtins.str
     """A free-text description of the routine; up to 1000 characters."""
     etag: _builtins.str
@@ -401,7 +403,9 @@ class WorkoutSet(_message.Message):
     name: _builtins.str
     """The resource name, "users/{user}/sessions/{session}/sets/{set}". Assigned by the server."""
     exercise: _builtins.str
-    """The catalog exercise the set is of, "exercises/{exercise}"."""
+    """The catalog exercise the set is of, "exercises/{exercise}". Required when logging; empty in
+    an update whose mask does not name it means "not sent".
+    """
     set_type: Global___SetType.ValueType
     """The role of the set; SET_TYPE_UNSPECIFIED is stored as SET_TYPE_WORKING."""
     reps: _builtins.int

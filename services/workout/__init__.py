@@ -1,0 +1,43 @@
+"""The workout service: exercise catalog, routines, workout sessions and personal records."""
+
+from __future__ import annotations
+
+import grpc
+from fittracker.workout.v1 import workout_service_pb2_grpc
+
+from services.runtime.events import Outbox, stream_of
+from services.runtime.resources import Resources
+from services.runtime.server import ServiceDefinition
+from services.runtime.settings import Settings
+from services.workout.catalog import Catalog
+from services.workout.completion import Completer
+from services.workout.events import GROUP, UserDeletedHandler
+from services.workout.repository import ALL_COLLECTIONS, RecordRepository, RoutineRepository, SessionRepository
+from services.workout.service import PUBLIC_METHODS, SERVICE, WorkoutService
+
+
+async def build(settings: Settings, resources: Resources) -> ServiceDefinition:
+    """Wire the workout service from the shared resources."""
+    catalog = Catalog.packaged()
+    await catalog.seed(resources.store)
+    await resources.store.ensure(ALL_COLLECTIONS)
+    routines = RoutineRepository(resources.store)
+    sessions = SessionRepository(resources.store)
+    records = RecordRepository(resources.store)
+    outbox = Outbox(resources.store, resources.events)
+    await outbox.ensure()
+    completer = Completer(sessions, records, outbox, catalog)
+    servicer = WorkoutService(catalog, routines, sessions, records, completer)
+    erase_deleted_users = resources.events.consumer(
+        GROUP, [stream_of("user")], UserDeletedHandler(routines, sessions, records, outbox), resources.store
+    )
+
+    def register(server: grpc.aio.Server) -> None:
+        workout_service_pb2_grpc.add_WorkoutServiceServicer_to_server(servicer, server)
+
+    return ServiceDefinition(
+        service_names=[SERVICE],
+        register=register,
+        public_methods=PUBLIC_METHODS,
+        background=[outbox.relay, erase_deleted_users, completer.sweep],
+    )
