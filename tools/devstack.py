@@ -13,8 +13,13 @@ Ports: replica ``i`` of a service listens on its base port + 10 * i (user 50051,
 separate processes on separate ports, not SO_REUSEPORT workers of one port, so that Envoy's load
 balancing, health checks and outlier detection each see real, distinct endpoints.
 
+Client quotas (per address, per user) are counted in Envoy by default; with
+``--global-rate-limit redis://host:port`` the stack also runs Envoy's reference rate-limit service
+(``envoyproxy/ratelimit``, built by ``make deps`` into ``.cache/bin/ratelimit``) over that Redis,
+so that every edge instance shares one count.
+
 The orchestration is the ``Stack`` class, which the end-to-end tests use with free ports in a
-temporary directory.
+temporary directory; ``EnvoyEdge`` runs one Envoy on its own (tests start a second edge with it).
 """
 
 from __future__ import annotations
@@ -44,11 +49,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.runtime.auth import JWKS_FILE, load_or_create_signing_key
 from tools import envoy_config
-from tools.envoy_config import Address, EdgeOptions
+from tools.envoy_config import Address, EdgeOptions, Limit
 
 ROOT = envoy_config.ROOT
 #: How often readiness is polled; short, since every wait is also bounded by a deadline.
 POLL_SECONDS = 0.05
+#: Envoy's reference rate-limit service, built by tools/install_deps.sh.
+RATE_LIMIT_BINARY = ROOT / ".cache" / "bin" / "ratelimit"
+#: Its ports under `make up` (gRPC for Envoy, HTTP for its health check, debug); clear of the edge's.
+RATE_LIMIT_PORTS = (8081, 8082, 6070)
 LogSink = Callable[[str], None]
 
 
@@ -180,6 +189,165 @@ class Replica:
     child: Child
 
 
+def _poll(child: Child, what: str, deadline: float, probe: Callable[[], bool]) -> None:
+    """Poll ``probe`` until true; fail with ``child``'s output if it exits or time runs out."""
+    while not probe():
+        if not child.running:
+            raise child.failure(f"exited while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise child.failure(f"{what} not reached in time")
+        time.sleep(POLL_SECONDS)
+
+
+class EnvoyEdge:
+    """One Envoy process on a rendered config; its ports are read back once it runs (port 0 works)."""
+
+    def __init__(self, name: str, config_path: Path, work_dir: Path, sink: LogSink, *,
+                 host: str = "127.0.0.1", log_level: str = "warning") -> None:
+        """Describe the process; ``start()`` runs it from ``work_dir``."""
+        self.host = host
+        self.config_path = config_path
+        self._admin_address_path = work_dir / f"{name}-admin-address"
+        self.child = Child(
+            name,
+            [
+                envoy_binary(), "-c", str(config_path),
+                "--admin-address-path", str(self._admin_address_path),
+                "--log-level", log_level,
+                # Access-log lines within 100 ms rather than Envoy's default 10 s: this is a console.
+                "--file-flush-interval-msec", "100",
+                # Several stacks (tests, make up) may share a machine: no shared-memory hot restart.
+                "--disable-hot-restart",
+            ],
+            dict(os.environ),
+            work_dir,
+            sink,
+        )
+        self.admin_port = 0
+        self.edge_port = 0
+
+    def start(self) -> None:
+        """Start Envoy; ``wait_ready`` then waits for it."""
+        self._admin_address_path.unlink(missing_ok=True)
+        self.child.start()
+
+    def wait_ready(self, deadline: float) -> None:
+        """Wait until the admin answers LIVE, and read the admin and listener ports."""
+
+        def written() -> bool:
+            return self._admin_address_path.exists() and self._admin_address_path.read_text().strip() != ""
+
+        _poll(self.child, "admin address", deadline, written)
+        self.admin_port = Address.parse(self._admin_address_path.read_text().strip()).port
+
+        def live() -> bool:
+            status, body = self.admin_get("/ready")
+            return status == 200 and body.strip() == "LIVE"
+
+        _poll(self.child, "Envoy /ready LIVE", deadline, live)
+        status, body = self.admin_get("/listeners?format=json")
+        if status != 200:
+            raise self.child.failure(f"admin /listeners answered {status}")
+        listeners = json.loads(body)["listener_statuses"]
+        self.edge_port = int(listeners[0]["local_address"]["socket_address"]["port_value"])
+
+    def admin_get(self, path: str, timeout: float = 2.0) -> tuple[int, str]:
+        """GET ``path`` from Envoy's admin interface: (status, body)."""
+        return _http_get(f"http://{self.host}:{self.admin_port}{path}", timeout)
+
+    def host_flags(self, cluster: str) -> dict[str, set[str]]:
+        """Each host of ``cluster`` as Envoy's admin sees it: ``host:port`` -> its failure flags.
+
+        The flags are the ``health_status`` keys that mark a host out of rotation, e.g.
+        ``failed_active_health_check``, ``failed_outlier_check``; an empty set is a healthy host.
+        """
+        status, body = self.admin_get("/clusters?format=json")
+        if status != 200:
+            return {}
+        for entry in json.loads(body).get("cluster_statuses", []):
+            if entry["name"] == cluster:
+                hosts: dict[str, set[str]] = {}
+                for host in entry.get("host_statuses", []):
+                    socket_address = host["address"]["socket_address"]
+                    health = host.get("health_status", {})
+                    flags = {k for k, v in health.items() if k.startswith("failed") and v}
+                    if health.get("eds_health_status", "HEALTHY") != "HEALTHY":
+                        flags.add(f"eds_{health['eds_health_status'].lower()}")
+                    hosts[f"{socket_address['address']}:{socket_address['port_value']}"] = flags
+                return hosts
+        return {}
+
+    def balanced_hosts(self, cluster: str) -> int:
+        """How many hosts of ``cluster`` are healthy members, as Envoy's main thread sees it.
+
+        The workers' load balancers follow a moment later (up to about a health-check interval
+        was seen), so a test that needs certainty watches where calls land (the access log).
+        """
+        status, body = self.admin_get(f"/stats?filter=^cluster\\.{cluster}\\.membership_healthy$")
+        name, _, value = body.strip().partition(": ")
+        return int(value) if status == 200 and name == f"cluster.{cluster}.membership_healthy" else -1
+
+    def wait_hosts_healthy(self, service: str, count: int, timeout: float = 10.0) -> None:
+        """Wait until Envoy's health checks see ``count`` healthy replicas of ``service``, balanced over."""
+
+        def enough() -> bool:
+            healthy = sum(1 for flags in self.host_flags(service).values() if not flags)
+            return healthy >= count and self.balanced_hosts(service) >= count
+
+        _poll(self.child, f"{count} healthy {service} replicas", time.monotonic() + timeout, enough)
+
+    @property
+    def url(self) -> str:
+        """Base URL of the edge, e.g. ``http://127.0.0.1:8080``."""
+        return f"http://{self.host}:{self.edge_port}"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``."""
+        self.child.signal(signal.SIGTERM)
+        if self.child.wait(timeout) is None:
+            self.child.signal(signal.SIGKILL)
+            self.child.wait(5.0)
+
+
+class RateLimitService:
+    """envoyproxy/ratelimit over Redis, with the quotas of ``options`` as its one config file."""
+
+    def __init__(self, work_dir: Path, redis_url: str, ports: Sequence[int], sink: LogSink,
+                 host: str = "127.0.0.1") -> None:
+        """Describe the process: gRPC, HTTP and debug ``ports``; nothing starts before ``start()``."""
+        if not RATE_LIMIT_BINARY.exists():
+            raise StackError(f"no rate-limit service at {RATE_LIMIT_BINARY}: run `make deps`")
+        redis = redis_url.removeprefix("redis://").split("/")[0]
+        grpc_port, http_port, debug_port = ports
+        self.address = Address(host, grpc_port)
+        self.health_url = f"http://{host}:{http_port}/healthcheck"
+        # It reads <RUNTIME_ROOT>/<RUNTIME_SUBDIRECTORY>/config/*.yaml.
+        self.config_path = work_dir / "ratelimit" / "quotas" / "config" / "config.yaml"
+        env = {
+            **os.environ,
+            "HOST": host, "PORT": str(http_port),
+            "GRPC_HOST": host, "GRPC_PORT": str(grpc_port),
+            "DEBUG_HOST": host, "DEBUG_PORT": str(debug_port),
+            "RUNTIME_ROOT": str(work_dir / "ratelimit"), "RUNTIME_SUBDIRECTORY": "quotas",
+            # The config is written once before start; no file watching needed.
+            "RUNTIME_WATCH_ROOT": "false", "RUNTIME_IGNOREDOTFILES": "true",
+            "BACKEND_TYPE": "redis", "REDIS_SOCKET_TYPE": "tcp", "REDIS_URL": redis,
+            # No statsd daemon here, and its stdout sink floods the console; Envoy's stats count too.
+            "USE_STATSD": "false", "DISABLE_STATS": "true", "LOG_LEVEL": "warn", "LOG_FORMAT": "json",
+        }
+        self.child = Child("ratelimit", [str(RATE_LIMIT_BINARY)], env, work_dir, sink)
+
+    def start(self, options: EdgeOptions) -> None:
+        """Write the quotas' config and start the service."""
+        self.config_path.parent.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(envoy_config.rate_limit_service_config(options))
+        self.child.start()
+
+    def wait_ready(self, deadline: float) -> None:
+        """Wait until its health check answers 200."""
+        _poll(self.child, "rate-limit service healthy", deadline, lambda: _http_get(self.health_url, 1.0)[0] == 200)
+
+
 class Stack:
     """Services (N replicas each) plus the Envoy edge, started and stopped as one unit."""
 
@@ -196,6 +364,9 @@ class Stack:
         service_env: Mapping[str, str] | None = None,
         cors_origins: Sequence[str] = envoy_config.DEFAULT_CORS_ORIGINS,
         rate_limit_rps: int = 5000,
+        ip_limit: Limit | None = EdgeOptions.ip_limit,
+        user_limit: Limit | None = EdgeOptions.user_limit,
+        global_rate_limit_redis: str = "",
         envoy_log_level: str = "warning",
         sink: LogSink = print,
     ) -> None:
@@ -204,6 +375,7 @@ class Stack:
         ``use_free_ports`` picks free ports for every replica and lets the kernel choose the edge
         and admin ports (tests); otherwise services use the documented scheme and the edge the
         given ports. ``service_env`` adds FITTRACKER_* settings for every service process.
+        ``global_rate_limit_redis`` (a redis:// URL) counts the quotas in the rate-limit service.
         """
         self.data_dir = data_dir.resolve()
         self.keys_dir = self.data_dir / "keys"
@@ -213,41 +385,55 @@ class Stack:
         self.host = host
         self.sink = sink
         self._service_env = dict(service_env or {})
-        ports = iter(free_ports(len(self.services) * replicas, host)) if use_free_ports else None
+        ports = iter(free_ports(len(self.services) * replicas + 3, host)) if use_free_ports else None
         self.replicas: list[Replica] = []
         for service in self.services:
             for index in range(replicas):
                 port = next(ports) if ports is not None else envoy_config.replica_port(service, index)
                 address = Address(host, port)
                 self.replicas.append(Replica(service, index, address, self._service_child(service, index, port)))
+        self.rate_limit_service: RateLimitService | None = None
+        if global_rate_limit_redis:
+            service_ports = [next(ports) for _ in range(3)] if ports is not None else RATE_LIMIT_PORTS
+            self.rate_limit_service = RateLimitService(
+                self.data_dir, global_rate_limit_redis, service_ports, sink, host)
         self.options = EdgeOptions(
             listen_address=host,
             listen_port=0 if use_free_ports else edge_port,
             admin_port=0 if use_free_ports else admin_port,
             descriptor_path=str(ROOT / envoy_config.DESCRIPTOR),
+            etag_lua_path=str(ROOT / envoy_config.ETAG_LUA),
             jwks_path=str(self.keys_dir / JWKS_FILE),
             cors_origins=tuple(cors_origins),
             rate_limit_rps=rate_limit_rps,
+            ip_limit=ip_limit,
+            user_limit=user_limit,
+            rate_limit_service=str(self.rate_limit_service.address) if self.rate_limit_service else "",
         )
         self.envoy_config_path = self.data_dir / "envoy.yaml"
-        self._admin_address_path = self.data_dir / "envoy-admin-address"
-        self.envoy = Child(
-            "envoy",
-            [
-                envoy_binary(), "-c", str(self.envoy_config_path),
-                "--admin-address-path", str(self._admin_address_path),
-                "--log-level", envoy_log_level,
-                # Access-log lines within 100 ms rather than Envoy's default 10 s: this is a console.
-                "--file-flush-interval-msec", "100",
-                # Several stacks (tests, make up) may share a machine: no shared-memory hot restart.
-                "--disable-hot-restart",
-            ],
-            dict(os.environ),
-            self.data_dir,
-            sink,
-        )
-        self.edge_port = 0
-        self.admin_port = 0
+        self.edge = EnvoyEdge("envoy", self.envoy_config_path, self.data_dir, sink, host=host,
+                              log_level=envoy_log_level)
+
+    @property
+    def envoy(self) -> Child:
+        """The Envoy process."""
+        return self.edge.child
+
+    @property
+    def edge_port(self) -> int:
+        """The edge's listener port, known once started."""
+        return self.edge.edge_port
+
+    @property
+    def admin_port(self) -> int:
+        """Envoy's admin port, known once started."""
+        return self.edge.admin_port
+
+    @property
+    def children(self) -> list[Child]:
+        """Every process of the stack, Envoy first."""
+        extra = [self.rate_limit_service.child] if self.rate_limit_service else []
+        return [self.envoy, *extra, *(r.child for r in self.replicas)]
 
     @property
     def topology(self) -> dict[str, tuple[Address, ...]]:
@@ -296,14 +482,15 @@ class Stack:
         self._wire_service_addresses()
         for replica in self.replicas:
             replica.child.start()
+        if self.rate_limit_service is not None:
+            self.rate_limit_service.start(self.options)
         self.render_envoy_config()
-        self._admin_address_path.unlink(missing_ok=True)
-        self.envoy.start()
+        self.edge.start()
         for replica in self.replicas:
             self.wait_serving(replica, deadline)
-        self.admin_port = self._wait_admin_port(deadline)
-        self._wait_envoy_ready(deadline)
-        self.edge_port = self._listener_port()
+        if self.rate_limit_service is not None:
+            self.rate_limit_service.wait_ready(deadline)
+        self.edge.wait_ready(deadline)
         self._wait_edge_healthy(deadline)
 
     def render_envoy_config(self) -> Path:
@@ -333,38 +520,9 @@ class Stack:
                     raise replica.child.failure(f"not SERVING on {replica.address} in time")
                 time.sleep(POLL_SECONDS)
 
-    def _poll(self, what: str, deadline: float, probe: Callable[[], bool]) -> None:
-        while not probe():
-            if not self.envoy.running:
-                raise self.envoy.failure(f"exited while waiting for {what}")
-            if time.monotonic() > deadline:
-                raise self.envoy.failure(f"{what} not reached in time")
-            time.sleep(POLL_SECONDS)
-
-    def _wait_admin_port(self, deadline: float) -> int:
-        def written() -> bool:
-            return self._admin_address_path.exists() and self._admin_address_path.read_text().strip() != ""
-
-        self._poll("admin address", deadline, written)
-        return Address.parse(self._admin_address_path.read_text().strip()).port
-
     def admin_get(self, path: str, timeout: float = 2.0) -> tuple[int, str]:
         """GET ``path`` from Envoy's admin interface: (status, body)."""
-        return _http_get(f"http://{self.host}:{self.admin_port}{path}", timeout)
-
-    def _wait_envoy_ready(self, deadline: float) -> None:
-        def live() -> bool:
-            status, body = self.admin_get("/ready")
-            return status == 200 and body.strip() == "LIVE"
-
-        self._poll("Envoy /ready LIVE", deadline, live)
-
-    def _listener_port(self) -> int:
-        status, body = self.admin_get("/listeners?format=json")
-        if status != 200:
-            raise self.envoy.failure(f"admin /listeners answered {status}")
-        listeners = json.loads(body)["listener_statuses"]
-        return int(listeners[0]["local_address"]["socket_address"]["port_value"])
+        return self.edge.admin_get(path, timeout)
 
     def _wait_edge_healthy(self, deadline: float) -> None:
         """Wait until Envoy's own health checks found a healthy replica of every service."""
@@ -372,24 +530,19 @@ class Stack:
         def healthy() -> bool:
             return _http_get(f"{self.edge_url}/healthz", 2.0)[0] == 200
 
-        self._poll("every cluster healthy", deadline, healthy)
+        _poll(self.envoy, "every cluster healthy", deadline, healthy)
+
+    def host_flags(self, cluster: str) -> dict[str, set[str]]:
+        """Each replica of ``cluster`` as Envoy sees it (see ``EnvoyEdge.host_flags``)."""
+        return self.edge.host_flags(cluster)
+
+    def balanced_hosts(self, cluster: str) -> int:
+        """Healthy members of ``cluster`` (see ``EnvoyEdge.balanced_hosts``)."""
+        return self.edge.balanced_hosts(cluster)
 
     def wait_hosts_healthy(self, service: str, count: int, timeout: float = 10.0) -> None:
-        """Wait until Envoy's health checks see ``count`` healthy replicas of ``service``."""
-
-        def enough() -> bool:
-            status, body = self.admin_get("/clusters?format=json")
-            if status != 200:
-                return False
-            for cluster in json.loads(body).get("cluster_statuses", []):
-                if cluster["name"] == service:
-                    hosts = cluster.get("host_statuses", [])
-                    ok = [h for h in hosts if h.get("health_status", {}).get("eds_health_status") == "HEALTHY"
-                          and not any(k.startswith("failed") for k in h["health_status"])]
-                    return len(ok) >= count
-            return False
-
-        self._poll(f"{count} healthy {service} replicas", time.monotonic() + timeout, enough)
+        """Wait until Envoy's health checks see ``count`` healthy replicas of ``service``, balanced over."""
+        self.edge.wait_hosts_healthy(service, count, timeout)
 
     @property
     def edge_url(self) -> str:
@@ -419,7 +572,7 @@ class Stack:
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM every child at once (each drains on its own), then SIGKILL what outlives ``timeout``."""
-        children = [self.envoy, *(r.child for r in self.replicas)]
+        children = self.children
         for child in children:
             child.signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -465,8 +618,12 @@ def usage(stack: Stack) -> Iterator[str]:
     yield f"  curl -s {url}/v1/users/me -H \"authorization: Bearer $TOKEN\""
     yield (f"  curl -s -X PATCH '{url}/v1/users/me?update_mask=display_name' "
            """-H "authorization: Bearer $TOKEN" -d '{"display_name":"Ada L."}'""")
-    yield f"  curl -s {url}/v1/auth/jwks"
+    yield f"  curl -si {url}/v1/auth/jwks   # ETag + Cache-Control; resend with -H 'if-none-match: <etag>' for 304"
     yield f"  curl -s http://{stack.host}:{stack.admin_port}/clusters | grep health_flags"
+    where = "in the rate-limit service, shared by every edge" if stack.rate_limit_service else "in this Envoy"
+    yield (f"Quotas ({where}): {stack.options.ip_limit or 'none'} per address, "
+           f"{stack.options.user_limit or 'none'} per user; for load tests: "
+           "FITTRACKER_EDGE_IP_LIMIT=off FITTRACKER_EDGE_USER_LIMIT=off make up")
     yield "Ctrl-C stops everything."
 
 
@@ -480,6 +637,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--service", action="append", help="run only this service (repeatable)")
     parser.add_argument("--cors-origin", action="append", default=[], help="allowed browser origin (repeatable)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for everything to serve")
+    parser.add_argument("--ip-limit", type=Limit.parse, default=os.environ.get("FITTRACKER_EDGE_IP_LIMIT",
+                        str(EdgeOptions.ip_limit)), help="quota per client address: REQUESTS/s|m[,BURST] or off")
+    parser.add_argument("--user-limit", type=Limit.parse, default=os.environ.get("FITTRACKER_EDGE_USER_LIMIT",
+                        str(EdgeOptions.user_limit)), help="quota per signed-in user: REQUESTS/s|m[,BURST] or off")
+    parser.add_argument("--global-rate-limit", metavar="REDIS_URL",
+                        default=os.environ.get("FITTRACKER_EDGE_RATE_LIMIT_REDIS", ""),
+                        help="count the quotas in envoyproxy/ratelimit over this Redis (shared by every edge)")
     args = parser.parse_args(argv)
 
     stack = Stack(
@@ -489,6 +653,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         edge_port=args.edge_port,
         admin_port=args.admin_port,
         cors_origins=tuple(args.cors_origin) or envoy_config.DEFAULT_CORS_ORIGINS,
+        ip_limit=args.ip_limit,
+        user_limit=args.user_limit,
+        global_rate_limit_redis=args.global_rate_limit,
         sink=lambda line: print(line, flush=True),
     )
     stop = threading.Event()
@@ -508,7 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     exited: Child | None = None
     # Wake up now and then to notice a child that died on its own; Ctrl-C sets the event at once.
     while not stop.wait(timeout=1.0):
-        exited = next((c for c in [stack.envoy, *(r.child for r in stack.replicas)] if not c.running), None)
+        exited = next((c for c in stack.children if not c.running), None)
         if exited is not None:
             print(f"[stack] {exited.name} exited; stopping everything", file=sys.stderr)
             break

@@ -17,14 +17,16 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import math
 import os
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
+from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +57,29 @@ USER_ID_HEADER = "x-user-id"
 DEFAULT_CORS_ORIGINS = ("http://localhost:3000", "http://localhost:5173")
 MIB = 1024 * 1024
 
-_PACKAGE = re.compile(r"^fittracker\.([a-z][a-z0-9_]*)\.v\d+$")
+#: JSON reads a CDN (and the apps' HTTP caches) may keep, with their Cache-Control. Each gets a
+#: strong ETag and answers If-None-Match with 304 (envoy/lua/etag.lua). The catalog is the same for
+#: every member and not secret, so ``public`` lets shared caches store it although the request
+#: carries a token (RFC 9111 section 3.5); a CDN in front must still demand a token if the catalog
+#: is to stay members-only. Nothing per-user belongs here.
+CACHE_POLICIES: dict[str, str] = {
+    "/fittracker.workout.v1.WorkoutService/ListExercises": "public, max-age=300, stale-while-revalidate=60",
+    "/fittracker.workout.v1.WorkoutService/GetExercise": "public, max-age=300, stale-while-revalidate=60",
+    # Short: a rotated key must reach verifiers soon (Envoy itself reads the file at start).
+    "/fittracker.user.v1.UserService/GetJwks": "public, max-age=300",
+}
+#: The Lua source of the ETag filter (hand-written; Envoy reads it at start).
+ETAG_LUA = Path("envoy/lua/etag.lua")
+#: Response header a cacheable route adds so that the Lua filter hashes its body (and removes it).
+ETAG_MARKER = "x-fittracker-etag"
+#: Descriptor keys the client quotas use, locally and in the rate-limit service's config.
+IP_DESCRIPTOR = "remote_address"
+USER_DESCRIPTOR = "user_id"
+RATE_LIMIT_DOMAIN = "fittracker-edge"
+#: Cluster of the global rate-limit service (envoyproxy/ratelimit), when one is configured.
+RATE_LIMIT_CLUSTER = "ratelimit"
+
+_PACKAGE = re.compile(r"^fittracker\.([a-z][a-z0-9_]*)\.(v\d+)$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,6 +93,8 @@ class Method:
     name: str
     client_streaming: bool
     server_streaming: bool
+    #: Mapped to HTTP GET: no side effects (AIP-131/132), so safe to retry even after it was sent.
+    read_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,6 +109,23 @@ class GrpcService:
     def prefix(self) -> str:
         """The HTTP/2 path prefix of its methods, e.g. ``/fittracker.user.v1.UserService/``."""
         return f"/{self.full_name}/"
+
+    @property
+    def version(self) -> str:
+        """The major version of its package, e.g. ``v1``."""
+        match = _PACKAGE.match(self.full_name.rpartition(".")[0])
+        return match.group(2) if match else ""
+
+    def cluster(self, topology: Mapping[str, object]) -> str | None:
+        """The cluster that serves it: ``<domain>-<version>`` if the topology names one, else ``<domain>``.
+
+        So a v2 runs in the v1 processes by default, or in a deployment of its own when the
+        topology lists one (``user-v2=host:port``); None when the topology serves neither.
+        """
+        for name in (f"{self.domain}-{self.version}", self.domain):
+            if name in topology:
+                return name
+        return None
 
 
 class Address(NamedTuple):
@@ -109,6 +152,48 @@ Topology = Mapping[str, Sequence[Address]]
 
 
 @dataclass(frozen=True)
+class Limit:
+    """A client quota: ``requests`` per ``window``, with bursts of up to ``burst`` saved up.
+
+    Locally it is a token bucket (``burst`` tokens, ``requests`` added each window); the global
+    rate-limit service counts ``requests`` per fixed window and has no burst.
+    """
+
+    requests: int
+    window: str = "second"
+    burst: int = 0
+
+    WINDOWS: ClassVar[dict[str, int]] = {"second": 1, "minute": 60}
+
+    def __post_init__(self) -> None:
+        """Refuse limits Envoy would refuse, naming the problem."""
+        if self.requests < 1 or self.burst < 0 or self.window not in self.WINDOWS:
+            raise ValueError(f"bad limit {self.requests}/{self.window} burst {self.burst}")
+
+    @property
+    def bucket(self) -> int:
+        """Tokens the local bucket holds when full."""
+        return max(self.burst, self.requests)
+
+    @classmethod
+    def parse(cls, text: str) -> Limit | None:
+        """``"100/s"``, ``"100/s,200"`` (burst 200), ``"6000/m"``; ``"0"`` or ``"off"`` is no limit."""
+        spec = text.strip().lower()
+        if spec in {"0", "off", ""}:
+            return None
+        rate, _, burst = spec.partition(",")
+        count, _, unit = rate.partition("/")
+        window = {"s": "second", "m": "minute", "": "second"}.get(unit)
+        if window is None or not count.isdigit() or (burst and not burst.isdigit()):
+            raise ValueError(f"expected REQUESTS/s or REQUESTS/m, optionally ,BURST; got {text!r}")
+        return cls(int(count), window, int(burst or 0))
+
+    def __str__(self) -> str:
+        """The form ``parse`` reads."""
+        return f"{self.requests}/{self.window[0]}" + (f",{self.burst}" if self.burst else "")
+
+
+@dataclass(frozen=True)
 class EdgeOptions:
     """Everything about the edge that is not derived from the contracts or the topology."""
 
@@ -117,14 +202,33 @@ class EdgeOptions:
     admin_port: int = 9901
     #: Paths as Envoy will open them: relative ones resolve against Envoy's working directory.
     descriptor_path: str = str(DESCRIPTOR)
+    etag_lua_path: str = str(ETAG_LUA)
     jwks_path: str = ".data/keys/jwks.json"
     cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
     max_request_bytes: int = 1 * MIB
     #: Requests per second the whole edge admits before answering 429; 0 turns the limit off.
     rate_limit_rps: int = 5000
+    #: Per client address. Carriers put many phones behind one address (CGNAT), so this stops
+    #: floods rather than people: well above what one person does.
+    ip_limit: Limit | None = Limit(100, "second", burst=200)
+    #: Per signed-in user (the token's subject): an app opening fires ~10 calls at once, and no
+    #: person sustains 20 calls a second.
+    user_limit: Limit | None = Limit(20, "second", burst=40)
+    #: The global rate-limit service ("host:port", envoyproxy/ratelimit over Redis). When set, the
+    #: quotas above are counted there, shared by every edge instance; otherwise each Envoy counts
+    #: on its own (N edges admit N times the quota).
+    rate_limit_service: str = ""
     #: OTLP gRPC collector ("host:port") for the edge's spans; empty keeps them unexported.
     otlp_endpoint: str = ""
     extra_clusters: Mapping[str, Sequence[Address]] = field(default_factory=dict)
+
+
+def _http_verb(method: descriptor_pb2.MethodDescriptorProto) -> str | None:
+    """The verb of the method's google.api.http rule (``get``, ``post``, ...), None without one."""
+    # googleapis-common-protos' stub types the extension as a plain FieldDescriptor.
+    rule: http_pb2.HttpRule = method.options.Extensions[annotations_pb2.http]  # type: ignore[index]
+    verb: str | None = rule.WhichOneof("pattern")
+    return verb
 
 
 def read_services(descriptor_path: Path) -> list[GrpcService]:
@@ -137,7 +241,8 @@ def read_services(descriptor_path: Path) -> list[GrpcService]:
             continue
         for service in proto.service:
             methods = tuple(
-                Method(m.name, m.client_streaming, m.server_streaming) for m in service.method
+                Method(m.name, m.client_streaming, m.server_streaming, read_only=_http_verb(m) == "get")
+                for m in service.method
             )
             found.append(GrpcService(f"{proto.package}.{service.name}", match.group(1), methods))
     return sorted(found, key=lambda s: s.full_name)
@@ -360,11 +465,23 @@ def _local_reply() -> dict[str, Yaml]:
     def body(code: int) -> dict[str, Yaml]:
         return {"json_format": {"code": code, "message": "%LOCAL_REPLY_BODY%", "request_id": "%REQ(X-REQUEST-ID)%"}}
 
-    mappers: list[Yaml] = [why(
-        "First match wins: gRPC callers keep their reply as is (status in grpc-status, grpc-message).",
-        {"filter": grpc_client,
-         "body_format_override": {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"}}},
-    )]
+    as_is: Yaml = {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"}}
+    grpc_web_quota: Yaml = {"and_filter": {"filters": [grpc_client, status_is("EQ", 429)]}}
+    mappers: list[Yaml] = [
+        why("First match wins. A quota reply to gRPC-Web is plain HTTP 429, which grpc_web would turn into "
+            "UNAVAILABLE (retry now): make it the trailers-only gRPC reply native gRPC gets.", {
+                "filter": grpc_web_quota,
+                "status_code": 200,
+                "headers_to_add": [
+                    {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                    for key, value in (("content-type", "application/grpc"), ("grpc-status", "8"),
+                                       ("grpc-message", "rate limited"))
+                ],
+                "body_format_override": {"text_format_source": {"inline_string": ""}},
+            }),
+        why("gRPC callers keep their reply as is (status in grpc-status, grpc-message).",
+            {"filter": grpc_client, "body_format_override": as_is}),
+    ]
     mappers += [
         {"filter": status_is("EQ", status), "body_format_override": body(code)}
         for status, code in _RPC_CODE_OF_HTTP_STATUS.items()
@@ -380,11 +497,12 @@ def _cors_policy(origins: Sequence[str]) -> dict[str, Yaml]:
         allow_methods="GET, POST, PUT, PATCH, DELETE, OPTIONS",
         allow_headers=(
             "authorization, content-type, x-grpc-web, x-user-agent, grpc-timeout, "
-            "x-request-id, traceparent, tracestate"
+            "x-request-id, traceparent, tracestate, if-none-match"
         ),
         expose_headers=why(
-            "gRPC-Web clients read the status from these; browsers hide unlisted headers.",
-            "grpc-status, grpc-message, grpc-status-details-bin, x-request-id",
+            "gRPC-Web clients read the status, apps the quota and validators; browsers hide unlisted headers.",
+            "grpc-status, grpc-message, grpc-status-details-bin, x-request-id, etag, retry-after, "
+            "x-ratelimit-limit, x-ratelimit-remaining, x-ratelimit-reset",
         ),
         max_age="86400",
     )
@@ -429,7 +547,7 @@ def _jwt_filter(services: Sequence[GrpcService], jwks_path: str) -> dict[str, Ya
     }
 
 
-def _http_filters(services: Sequence[GrpcService], options: EdgeOptions) -> list[Yaml]:
+def _http_filters(services: Sequence[GrpcService], clusters: Sequence[str], options: EdgeOptions) -> list[Yaml]:
     filters: list[Yaml] = [
         why("Answered by Envoy itself for load balancers; fails when a domain has no healthy replica.", {
             "name": "envoy.filters.http.health_check",
@@ -437,9 +555,7 @@ def _http_filters(services: Sequence[GrpcService], options: EdgeOptions) -> list
                 "envoy.extensions.filters.http.health_check.v3.HealthCheck",
                 pass_through_mode=False,
                 headers=[{"name": ":path", "string_match": {"exact": "/healthz"}}],
-                cluster_min_healthy_percentages={
-                    d: {"value": 1.0} for d in sorted({s.domain for s in services})
-                },
+                cluster_min_healthy_percentages={c: {"value": 1.0} for c in clusters},
             ),
         }),
         why("Identity headers come only from the JWT filter below, never from the client.", {
@@ -473,6 +589,14 @@ def _http_filters(services: Sequence[GrpcService], options: EdgeOptions) -> list
                 filter_enforced={"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
             ),
         }))
+    filters.append(why("Before the transcoder, so that on the way out it hashes the JSON body, not gRPC frames.", {
+        "name": "envoy.filters.http.lua",
+        "typed_config": _typed(
+            "envoy.extensions.filters.http.lua.v3.Lua",
+            stat_prefix="etag",
+            default_source_code={"filename": options.etag_lua_path},
+        ),
+    }))
     filters += [
         why("Before jwt_authn: it rewrites /v1/... to /pkg.Service/Method, which the JWT rules match.", {
             "name": "envoy.filters.http.grpc_json_transcoder",
@@ -495,6 +619,7 @@ def _http_filters(services: Sequence[GrpcService], options: EdgeOptions) -> list
             ),
         }),
         _jwt_filter(services, options.jwks_path),
+        *_client_quotas(options),
         why("Caps gRPC and gRPC-Web bodies (413); streaming routes turn it off per route.", {
             "name": "envoy.filters.http.buffer",
             "typed_config": _typed(
@@ -509,9 +634,102 @@ def _http_filters(services: Sequence[GrpcService], options: EdgeOptions) -> list
     return filters
 
 
-def _retry_policy(*, streaming: bool = False) -> dict[str, Yaml]:
+def _quota_rules(options: EdgeOptions) -> list[Yaml]:
+    """The descriptors a request produces: its address, and its user when the token named one."""
+    rules: list[Yaml] = []
+    if options.ip_limit is not None:
+        rules.append({"actions": [{"remote_address": {}}]})
+    if options.user_limit is not None:
+        rules.append(why(
+            "No descriptor without the header (anonymous calls): jwt_authn sets it from a verified token only.",
+            {"actions": [{"request_headers": {"header_name": USER_ID_HEADER, "descriptor_key": USER_DESCRIPTOR}}]},
+        ))
+    return rules
+
+
+def _bucket(limit: Limit) -> dict[str, Yaml]:
+    return {"max_tokens": limit.bucket, "tokens_per_fill": limit.requests,
+            "fill_interval": f"{Limit.WINDOWS[limit.window]}s"}
+
+
+def _retry_after(options: EdgeOptions) -> int:
+    limits = [limit for limit in (options.ip_limit, options.user_limit) if limit is not None]
+    return max(math.ceil(Limit.WINDOWS[limit.window] / limit.requests) for limit in limits)
+
+
+def _client_quotas(options: EdgeOptions) -> list[Yaml]:
+    """Per-address and per-user quotas: 429 with x-ratelimit-* headers, RESOURCE_EXHAUSTED for gRPC.
+
+    After jwt_authn, which sets the user header; one filter for both quotas, so that a response
+    carries one set of x-ratelimit-* headers (two filters would each add theirs).
+    """
+    rules = _quota_rules(options)
+    if not rules:
+        return []
+    common: dict[str, Yaml] = {
+        "rate_limits": rules,
+        "rate_limited_as_resource_exhausted": why(
+            "gRPC's code for a quota; the default UNAVAILABLE would make clients retry at once.", True),
+        "enable_x_ratelimit_headers": why("x-ratelimit-limit/-remaining/-reset (RFC draft 03) on every reply.",
+                                          "DRAFT_VERSION_03"),
+    }
+    if options.rate_limit_service:
+        return [why("Quotas counted by the rate-limit service, shared by every edge; fails open.", {
+            "name": "envoy.filters.http.ratelimit",
+            "typed_config": _typed(
+                "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+                domain=RATE_LIMIT_DOMAIN,
+                stat_prefix="client_quotas",
+                timeout=why("A slow limiter must not slow every call: past this the call passes.", "0.05s"),
+                failure_mode_deny=why("Redis or the service down must not take the API down.", False),
+                rate_limit_service={"grpc_service": {"envoy_grpc": {"cluster_name": RATE_LIMIT_CLUSTER}},
+                                    "transport_api_version": "V3"},
+                **common,
+            ),
+        })]
+    descriptors: list[Yaml] = []
+    if options.ip_limit is not None:
+        descriptors.append({"entries": [{"key": IP_DESCRIPTOR}], "token_bucket": _bucket(options.ip_limit)})
+    if options.user_limit is not None:
+        descriptors.append({"entries": [{"key": USER_DESCRIPTOR}], "token_bucket": _bucket(options.user_limit)})
+    return [why("Quotas counted in this Envoy: a valueless entry is a wildcard, one bucket per distinct value.", {
+        "name": "client_quotas",
+        "typed_config": _typed(
+            "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+            stat_prefix="client_quotas",
+            filter_enabled={"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+            filter_enforced={"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+            descriptors=descriptors,
+            max_dynamic_descriptors=why(
+                "Buckets kept per wildcard (LRU); an evicted client starts again with a full bucket.", 65536),
+            response_headers_to_add=[why(
+                "On a 429: seconds until the slowest bucket has a token again (x-ratelimit-reset is exact).",
+                {"header": {"key": "retry-after", "value": str(_retry_after(options))},
+                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+            )],
+            **common,
+        ),
+    })]
+
+
+def rate_limit_service_config(options: EdgeOptions) -> str:
+    """The envoyproxy/ratelimit config (YAML) for the same quotas, counted per fixed window."""
+    lines = ["# The edge's client quotas, generated by tools/envoy_config.py for envoyproxy/ratelimit.",
+             f"domain: {RATE_LIMIT_DOMAIN}", "descriptors:"]
+    for key, limit in ((IP_DESCRIPTOR, options.ip_limit), (USER_DESCRIPTOR, options.user_limit)):
+        if limit is not None:
+            # A key without a value: one counter per distinct value (per address, per user).
+            lines += [f"  - key: {key}", "    rate_limit:",
+                      f"      unit: {limit.window}", f"      requests_per_unit: {limit.requests}"]
+    return "\n".join(lines) + "\n"
+
+
+def _retry_policy(*, streaming: bool = False, read_only: bool = False) -> dict[str, Yaml]:
     policy: dict[str, Yaml] = {
         "retry_on": why(
+            "Reads have no side effects: also retried when the replica died mid-call (reset).",
+            "unavailable,connect-failure,reset-before-request,reset",
+        ) if read_only else why(
             "Only failures where the call cannot have run: safe even for non-idempotent methods.",
             "unavailable,connect-failure,reset-before-request",
         ),
@@ -539,58 +757,95 @@ def _stream_duration(streaming: bool) -> dict[str, Yaml]:
     }
 
 
-def _routes(services: Sequence[GrpcService]) -> list[Yaml]:
+def _unary_route(cluster: str, *, read_only: bool = False) -> dict[str, Yaml]:
+    return {
+        "cluster": cluster,
+        "timeout": why("Off: max_stream_duration below is the one deadline, so grpc-timeout is honoured.", "0s"),
+        "max_stream_duration": _stream_duration(streaming=False),
+        "retry_policy": _retry_policy(read_only=read_only),
+    }
+
+
+_GRPC_CONTENT: Yaml = {"name": "content-type", "string_match": {"prefix": "application/grpc"}}
+#: Set by the transcoder on the calls it rewrote from JSON: tells a JSON GET from a gRPC(-Web) call.
+_TRANSCODED: Yaml = {"name": "x-envoy-original-path", "present_match": True}
+
+
+def _service_routes(service: GrpcService, cluster: str) -> list[Yaml]:
+    """Routes of one gRPC service, most specific first; each version has its own path prefix."""
     routes: list[Yaml] = []
-    grpc_content: list[Yaml] = [{"name": "content-type", "string_match": {"prefix": "application/grpc"}}]
-    for service in services:
-        cluster = service.domain
-        for method in service.methods:
-            if not (method.client_streaming or method.server_streaming):
-                continue
-            route: dict[str, Yaml] = {
-                "cluster": cluster,
-                "timeout": "0s",
-                "max_stream_duration": _stream_duration(streaming=True),
-            }
-            per_filter: dict[str, Yaml] = {}
-            if method.client_streaming:
-                # The request is a stream: buffering it whole would break it, and so would a retry.
-                per_filter["envoy.filters.http.buffer"] = _typed(
-                    "envoy.extensions.filters.http.buffer.v3.BufferPerRoute", disabled=True
-                )
-            else:
-                route["retry_policy"] = _retry_policy(streaming=True)
-            entry: dict[str, Yaml] = {
-                "name": f"{service.full_name}.{method.name}",
-                "match": {"path": f"{service.prefix}{method.name}", "headers": list(grpc_content)},
-                "route": route,
-            }
-            if per_filter:
-                entry["typed_per_filter_config"] = per_filter
-            routes.append(why("Streaming: no overall timeout, only the client's grpc-timeout.", entry))
+    for method in service.methods:
+        if not (method.client_streaming or method.server_streaming):
+            continue
+        route: dict[str, Yaml] = {
+            "cluster": cluster,
+            "timeout": "0s",
+            "max_stream_duration": _stream_duration(streaming=True),
+        }
+        per_filter: dict[str, Yaml] = {}
+        if method.client_streaming:
+            # The request is a stream: buffering it whole would break it, and so would a retry.
+            per_filter["envoy.filters.http.buffer"] = _typed(
+                "envoy.extensions.filters.http.buffer.v3.BufferPerRoute", disabled=True
+            )
+        else:
+            route["retry_policy"] = _retry_policy(streaming=True)
+        entry: dict[str, Yaml] = {
+            "name": f"{service.full_name}.{method.name}",
+            "match": {"path": f"{service.prefix}{method.name}", "headers": [_GRPC_CONTENT]},
+            "route": route,
+        }
+        if per_filter:
+            entry["typed_per_filter_config"] = per_filter
+        routes.append(why("Streaming: no overall timeout, only the client's grpc-timeout.", entry))
+    unary_reads = [m.name for m in service.methods
+                   if m.read_only and not (m.client_streaming or m.server_streaming)]
+    for name in unary_reads:
+        policy = CACHE_POLICIES.get(f"{service.prefix}{name}")
+        if policy is not None:
+            routes.append(why("Cacheable JSON read: the marker has the Lua filter add an ETag and answer 304.", {
+                "name": f"{service.full_name}.{name}.json",
+                "match": {"path": f"{service.prefix}{name}", "headers": [_GRPC_CONTENT, _TRANSCODED]},
+                "route": _unary_route(cluster, read_only=True),
+                "response_headers_to_add": [
+                    {"header": {"key": "cache-control", "value": policy},
+                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+                    {"header": {"key": ETAG_MARKER, "value": "sha256"}},
+                ],
+            }))
+    if unary_reads:
         routes.append({
-            "name": service.full_name,
-            "match": {"prefix": service.prefix, "headers": list(grpc_content)},
-            "route": {
-                "cluster": cluster,
-                "timeout": why("Off: max_stream_duration below is the one deadline, so grpc-timeout is honoured.",
-                               "0s"),
-                "max_stream_duration": _stream_duration(streaming=False),
-                "retry_policy": _retry_policy(),
-            },
+            "name": f"{service.full_name}.reads",
+            "match": {"safe_regex": {"regex": f"^{re.escape(service.prefix)}({'|'.join(unary_reads)})$"},
+                      "headers": [_GRPC_CONTENT]},
+            "route": _unary_route(cluster, read_only=True),
         })
+    routes.append({
+        "name": service.full_name,
+        "match": {"prefix": service.prefix, "headers": [_GRPC_CONTENT]},
+        "route": _unary_route(cluster),
+    })
+    return routes
+
+
+def _routes(services: Sequence[GrpcService], topology: Topology) -> list[Yaml]:
+    routes: list[Yaml] = []
+    for service in services:
+        cluster = service.cluster(topology)
+        if cluster is not None:
+            routes += _service_routes(service, cluster)
     routes.append(why(
         "Preflights of JSON paths: the CORS filter answers only on a forwarding route; nothing gets past it.",
         {"name": "cors-preflight",
          "match": {"prefix": "/", "headers": [{"name": ":method", "string_match": {"exact": "OPTIONS"}}]},
-         "route": {"cluster": services[0].domain}},
+         "route": {"cluster": sorted(topology)[0]}},
     ))
     routes.append({"name": "not-found", "match": {"prefix": "/"},
                    "direct_response": {"status": 404, "body": {"inline_string": "no such route"}}})
     return routes
 
 
-def _listener(services: Sequence[GrpcService], options: EdgeOptions) -> dict[str, Yaml]:
+def _listener(services: Sequence[GrpcService], topology: Topology, options: EdgeOptions) -> dict[str, Yaml]:
     hcm = _typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="edge",
@@ -620,10 +875,10 @@ def _listener(services: Sequence[GrpcService], options: EdgeOptions) -> dict[str
                 "name": "fittracker",
                 "domains": ["*"],
                 "typed_per_filter_config": {"envoy.filters.http.cors": _cors_policy(options.cors_origins)},
-                "routes": _routes(services),
+                "routes": _routes(services, topology),
             }],
         },
-        http_filters=_http_filters(services, options),
+        http_filters=_http_filters(services, sorted(topology), options),
     )
     return {
         "name": "edge",
@@ -683,8 +938,10 @@ def _cluster(domain: str, replicas: Sequence[Address]) -> dict[str, Yaml]:
         "name": domain,
         "type": "STATIC" if all(_is_ip(a.host) for a in replicas) else "STRICT_DNS",
         "connect_timeout": "1s",
-        "lb_policy": why("Python replicas differ in how busy they are: pick the least loaded of two.",
-                         "LEAST_REQUEST"),
+        "lb_policy": why(
+            "Not LEAST_REQUEST: a crashed replica fails fast, looks idle, and would draw most calls (and "
+            "their retries) until ejected; round robin plus previous_hosts retries always finds a live one.",
+            "ROUND_ROBIN"),
         "typed_extension_protocol_options": _http2_options(),
         "load_assignment": _endpoints(domain, replicas),
         "health_checks": [{
@@ -728,21 +985,41 @@ def _otel_cluster(endpoint: Address) -> dict[str, Yaml]:
     }
 
 
+def _rate_limit_cluster(endpoint: Address) -> dict[str, Yaml]:
+    return {
+        "name": RATE_LIMIT_CLUSTER,
+        "type": "STATIC" if _is_ip(endpoint.host) else "STRICT_DNS",
+        "connect_timeout": "0.25s",
+        "typed_extension_protocol_options": _http2_options(),
+        "load_assignment": _endpoints(RATE_LIMIT_CLUSTER, [endpoint]),
+    }
+
+
 def build_config(services: Sequence[GrpcService], topology: Topology, options: EdgeOptions) -> dict[str, Yaml]:
-    """The bootstrap for ``services`` whose domain is in ``topology``; the others are left out."""
-    served = [s for s in services if s.domain in topology]
+    """The bootstrap for ``services`` whose cluster is in ``topology``; the others are left out.
+
+    Topology keys are clusters: a domain (``user``), or a domain and major version (``user-v2``)
+    for a version deployed on its own; see ``GrpcService.cluster``.
+    """
+    served = [s for s in services if s.cluster(topology) is not None]
     if not served:
         raise ValueError("the topology names no domain of the descriptor set")
-    clusters: list[Yaml] = [_cluster(d, topology[d]) for d in sorted({s.domain for s in served})]
+    used = {s.cluster(topology) for s in served}
+    unknown = sorted(set(topology) - used)
+    if unknown:
+        raise ValueError(f"the topology names clusters no service of the descriptor set maps to: {unknown}")
+    clusters: list[Yaml] = [_cluster(name, topology[name]) for name in sorted(topology)]
     if options.otlp_endpoint:
         clusters.append(_otel_cluster(Address.parse(options.otlp_endpoint)))
+    if options.rate_limit_service:
+        clusters.append(_rate_limit_cluster(Address.parse(options.rate_limit_service)))
     return {
         "node": {"id": "fittracker-edge", "cluster": "fittracker-edge"},
         "admin": why("Stats, /ready and /clusters; loopback only, it can also stop Envoy.", {
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": options.admin_port}},
         }),
         "static_resources": {
-            "listeners": [why("One port for JSON, gRPC-Web and native gRPC.", _listener(served, options))],
+            "listeners": [why("One port for JSON, gRPC-Web and native gRPC.", _listener(served, topology, options))],
             "clusters": clusters,
         },
         "overload_manager": why("Caps open client connections, as Envoy's edge guidance asks.", {
@@ -782,6 +1059,17 @@ def _parse_upstream(text: str) -> tuple[str, tuple[Address, ...]]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+_DEFAULT_IP = str(EdgeOptions.ip_limit)
+_DEFAULT_USER = str(EdgeOptions.user_limit)
+
+
+def _parse_limit(text: str) -> Limit | None:
+    try:
+        return Limit.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     """The command line; defaults come from ``env`` (FITTRACKER_* variables)."""
 
@@ -805,7 +1093,17 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                         help="replicas of one domain (repeatable); when given, only these domains are served")
     parser.add_argument("--cors-origin", action="append", default=[], help="allowed browser origin (repeatable)")
     parser.add_argument("--max-request-bytes", type=int, default=1 * MIB)
-    parser.add_argument("--rate-limit-rps", type=int, default=number("FITTRACKER_EDGE_RATE_LIMIT_RPS", 5000))
+    parser.add_argument("--rate-limit-rps", type=int, default=number("FITTRACKER_EDGE_RATE_LIMIT_RPS", 5000),
+                        help="requests per second the whole edge admits (load shedding); 0 is off")
+    parser.add_argument("--ip-limit", type=_parse_limit, default=env.get("FITTRACKER_EDGE_IP_LIMIT", _DEFAULT_IP),
+                        help=f"quota per client address, REQUESTS/s|m[,BURST] or off (default {_DEFAULT_IP})")
+    parser.add_argument("--user-limit", type=_parse_limit,
+                        default=env.get("FITTRACKER_EDGE_USER_LIMIT", _DEFAULT_USER),
+                        help=f"quota per signed-in user, same form (default {_DEFAULT_USER})")
+    parser.add_argument("--rate-limit-service", default=env.get("FITTRACKER_EDGE_RATE_LIMIT_SERVICE", ""),
+                        metavar="HOST:PORT", help="count the quotas in this envoyproxy/ratelimit service")
+    parser.add_argument("--rate-limit-service-config", type=Path, metavar="FILE",
+                        help="also write that service's config for the quotas here")
     parser.add_argument("--otlp-endpoint", default=env.get("FITTRACKER_OTLP_ENDPOINT", ""))
     return parser
 
@@ -816,15 +1114,21 @@ def options_from(args: argparse.Namespace) -> tuple[Topology, EdgeOptions, list[
     topology: Topology = dict(args.upstream) or default_topology({s.domain for s in services}, args.replicas)
     keys_dir = args.keys_dir or os.path.join(args.data_dir, "keys")
     in_repo = args.descriptor.resolve() == (ROOT / DESCRIPTOR).resolve()
+    descriptor_path = args.descriptor_path or (str(DESCRIPTOR) if in_repo else str(args.descriptor))
     options = EdgeOptions(
         listen_address=args.listen_address,
         listen_port=args.listen_port,
         admin_port=args.admin_port,
-        descriptor_path=args.descriptor_path or (str(DESCRIPTOR) if in_repo else str(args.descriptor)),
+        descriptor_path=descriptor_path,
+        # Relative like the descriptor's path (Envoy run from the repository root), else absolute.
+        etag_lua_path=str(ETAG_LUA) if descriptor_path == str(DESCRIPTOR) else str(ROOT / ETAG_LUA),
         jwks_path=os.path.join(keys_dir, "jwks.json"),
         cors_origins=tuple(args.cors_origin) or DEFAULT_CORS_ORIGINS,
         max_request_bytes=args.max_request_bytes,
         rate_limit_rps=args.rate_limit_rps,
+        ip_limit=args.ip_limit,
+        user_limit=args.user_limit,
+        rate_limit_service=args.rate_limit_service,
         otlp_endpoint=args.otlp_endpoint,
     )
     return topology, options, services
@@ -845,6 +1149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     topology, options, services = options_from(args)
     text = render(services, topology, options)
+    if args.rate_limit_service_config is not None:
+        args.rate_limit_service_config.parent.mkdir(parents=True, exist_ok=True)
+        args.rate_limit_service_config.write_text(rate_limit_service_config(options))
     if str(args.output) == "-":
         sys.stdout.write(text)
     else:

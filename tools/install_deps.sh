@@ -80,3 +80,17 @@ else
     step "ghz $GHZ_VERSION: installing into $BIN/ghz"
     GOBIN="$BIN" go install "github.com/bojand/ghz/cmd/ghz@$GHZ_VERSION"
 fi
+
+# Envoy's reference rate-limit service: the edge's quotas shared by every Envoy, counted in Redis.
+# The module proxy lists no tagged release, so a pseudo-version pins a commit of main (2026-01-22).
+# `go install` names the binary after its package directory (service_cmd): build aside, rename.
+RATELIMIT_VERSION="v1.4.1-0.20260122083618-3fb702589d36"
+if [ -x "$BIN/ratelimit" ] && [ "$(cat "$BIN/ratelimit.version" 2>/dev/null)" = "$RATELIMIT_VERSION" ]; then
+    step "ratelimit $RATELIMIT_VERSION: present ($BIN/ratelimit)"
+else
+    step "ratelimit $RATELIMIT_VERSION: installing into $BIN/ratelimit"
+    rm -rf "$BUILD/ratelimit-bin"
+    GOBIN="$BUILD/ratelimit-bin" go install "github.com/envoyproxy/ratelimit/src/service_cmd@$RATELIMIT_VERSION"
+    mv "$BUILD/ratelimit-bin/service_cmd" "$BIN/ratelimit"
+    printf '%s\n' "$RATELIMIT_VERSION" >"$BIN/ratelimit.version"
+fi

@@ -1,29 +1,31 @@
-"""End-to-end through the real Envoy: JSON, gRPC-Web and native gRPC in front of two user replicas."""
+"""End-to-end through the real Envoy: JSON, gRPC-Web and native gRPC in front of two replicas each.
+
+Also the contract at the edge (errors, auth, limits, CORS, access log), and what a drained or a
+killed replica costs: nothing.
+"""
 
 from __future__ import annotations
 
-import json
+import signal
+import threading
 import time
-import uuid
 from collections import Counter
 from typing import Any
 
 import grpc
-import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from fittracker.user.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
 from google.protobuf import field_mask_pb2
 
-from services.runtime.auth import JWKS_FILE, SIGNING_KEY_FILE
-from tests.edge.conftest import GRPC_WEB, ORIGIN, PASSWORD, Account, Edge
+from tests.edge.conftest import GRPC_WEB, ORIGIN, PASSWORD, SERVICE_ENV, Account, Edge, LogLines, sign_token
 from tools import envoy_config
 from tools.devstack import Stack
 
 pytestmark = pytest.mark.edge
 
 UNAUTHENTICATED = 16
+DRAIN_NOTICE_SECONDS = float(SERVICE_ENV["FITTRACKER_DRAIN_NOTICE_SECONDS"])
 
 
 def bearer(token: str) -> tuple[tuple[str, str]]:
@@ -33,12 +35,7 @@ def bearer(token: str) -> tuple[tuple[str, str]]:
 
 def sign(stack: Stack, claims: dict[str, Any], *, key: ec.EllipticCurvePrivateKey | None = None) -> str:
     """A token signed with the stack's real key (or ``key``) under the real key id."""
-    real = serialization.load_pem_private_key((stack.keys_dir / SIGNING_KEY_FILE).read_bytes(), password=None)
-    kid = json.loads((stack.keys_dir / JWKS_FILE).read_text())["keys"][0]["kid"]
-    now = int(time.time())
-    payload = {"iss": envoy_config.JWT_ISSUER, "aud": envoy_config.JWT_AUDIENCE, "iat": now, "exp": now + 300,
-               "jti": uuid.uuid4().hex, **claims}
-    return jwt.encode(payload, key or real, algorithm="ES256", headers={"kid": kid})  # type: ignore[arg-type]  # an EC key
+    return sign_token(stack.keys_dir, claims, key=key)
 
 
 # --- the happy paths, one per protocol ------------------------------------------------------
@@ -288,7 +285,7 @@ def test_cors_response_exposes_grpc_status_headers(edge: Edge, account: Account)
 # --- edge behaviour: identity headers, access log, balancing, draining ----------------------
 
 
-def test_access_log_line_describes_the_call(edge: Edge, account: Account) -> None:
+def test_access_log_line_describes_the_call(edge: Edge, stack: Stack, account: Account) -> None:
     reply = edge.json("GET", "/v1/users/me", token=account.access_token)
 
     entry = edge.logs.access_log(reply.headers["x-request-id"])
@@ -298,7 +295,7 @@ def test_access_log_line_describes_the_call(edge: Edge, account: Account) -> Non
     assert entry["path"] == "/v1/users/me"
     assert entry["grpc_method"] == "/fittracker.user.v1.UserService/GetUser"
     assert entry["upstream_cluster"] == "user"
-    assert entry["upstream_host"] in {str(a) for a in edge.stack.topology["user"]}
+    assert entry["upstream_host"] in {str(a) for a in stack.topology["user"]}
     assert entry["user_id"] == account.user_id
     assert isinstance(entry["duration_ms"], int)
 
@@ -310,33 +307,165 @@ def test_client_cannot_forge_identity_headers(edge: Edge) -> None:
     assert edge.logs.access_log(reply.headers["x-request-id"])["user_id"] is None
 
 
-def test_calls_are_balanced_over_both_replicas(edge: Edge, account: Account) -> None:
+def test_calls_are_balanced_over_both_replicas(edge: Edge, stack: Stack, account: Account) -> None:
     hosts: Counter[str] = Counter()
     for _ in range(24):
         reply = edge.json("GET", "/v1/users/me", token=account.access_token)
         assert reply.status == 200
         hosts[edge.logs.access_log(reply.headers["x-request-id"])["upstream_host"]] += 1
 
-    assert set(hosts) == {str(a) for a in edge.stack.topology["user"]}
+    assert set(hosts) == {str(a) for a in stack.topology["user"]}
 
 
-def test_draining_replica_costs_no_failed_call(edge: Edge, stack: Stack, account: Account) -> None:
-    replica = stack.replica("user", 1)
+def test_draining_replica_leaves_rotation_before_its_port_closes(edge: Edge, stack: Stack,
+                                                                 account: Account) -> None:
+    """SIGTERM: NOT_SERVING first, so Envoy's health check takes the replica out while it still listens.
+
+    Out of rotation means that new calls stop landing on it (access log): the admin's flags
+    change a moment before the workers' load balancers act on them.
+    """
+    replica, other = stack.replica("user", 1), stack.replica("user", 0)
+    draining = str(replica.address)
     statuses: Counter[int] = Counter()
+    stack.wait_hosts_healthy("user", 2)  # another test may have restarted one
+
+    def batch(size: int = 5) -> list[str]:
+        """Upstream hosts of ``size`` calls, sent back to back, then looked up in the access log."""
+        replies = [edge.json("GET", "/v1/users/me", token=account.access_token) for _ in range(size)]
+        statuses.update(r.status for r in replies)
+        return [edge.logs.access_log(r.headers["x-request-id"])["upstream_host"] for r in replies]
+
+    # Both in rotation to begin with: calls land on both (the admin may say healthy a moment earlier).
+    seen: set[str] = set()
+    for _ in range(20):
+        seen.update(batch())
+        if draining in seen and str(other.address) in seen:
+            break
+    assert seen == {draining, str(other.address)}, seen
+    out_after: float | None = None
     try:
-        replica.child.signal(15)  # SIGTERM: health turns NOT_SERVING, then the listener closes
-        deadline = time.monotonic() + 15
-        while replica.child.running and time.monotonic() < deadline:
-            statuses[edge.json("GET", "/v1/users/me", token=account.access_token).status] += 1
-        for _ in range(10):  # and with the replica gone
-            statuses[edge.json("GET", "/v1/users/me", token=account.access_token).status] += 1
+        replica.child.signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        clean_since: float | None = None
+        for _ in range(100):  # bounded by count and by the drain notice
+            started = time.monotonic()
+            if draining in batch():
+                clean_since = None
+            elif clean_since is None:
+                clean_since = started
+            elif started - signalled < DRAIN_NOTICE_SECONDS:  # two clean batches in a row
+                out_after = clean_since - signalled
+                break
+            if started - signalled > DRAIN_NOTICE_SECONDS:
+                break
+        still_listening = replica.child.running
+        flags = stack.host_flags("user").get(draining, set())
+        after = Counter(batch(10))
+        exit_code = replica.child.wait(15)
     finally:
         stack.stop_replica(replica)
         stack.restart_replica(replica)
         stack.wait_hosts_healthy("user", 2)
 
+    print(f"\ndrain: no new calls on the replica from {out_after}s after SIGTERM (flags {sorted(flags)}, "
+          f"port still open: {still_listening}); calls {dict(statuses)}; then {dict(after)}")
+    # Two failed checks, 1 s apart, while the drain notice still keeps the port open.
+    assert out_after is not None and out_after < DRAIN_NOTICE_SECONDS, out_after
+    assert still_listening
+    assert "failed_active_health_check" in flags
+    assert set(after) == {str(other.address)}
     assert set(statuses) == {200}, statuses
-    assert sum(statuses.values()) > 10
+    assert exit_code == 0
+
+
+def test_killing_a_replica_under_load_loses_no_read(stack: Stack, account: Account) -> None:
+    """SIGKILL one replica while two clients (gRPC and JSON) read steadily: every read still succeeds.
+
+    Reads are retried on a reset (they have no side effects), and new calls that pick the dead
+    replica fail to connect and are retried on the other one until health checks remove it.
+    """
+    victim = stack.replica("user", 1)
+    load = ReadLoad(stack, account, seconds=3.0, most_per_client=1500)
+    stack.wait_hosts_healthy("user", 2)
+    try:
+        load.start()
+        # Kill once both clients are in full swing (each has 20 answers), not at a guessed moment.
+        assert load.warmed_up.wait(timeout=10), "the load did not get going"
+        victim.child.signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        load.finish()
+        flags = stack.host_flags("user").get(str(victim.address), set())
+    finally:
+        load.finish()
+        victim.child.wait(5)
+        stack.restart_replica(victim)
+        stack.wait_hosts_healthy("user", 2)
+
+    totals = load.totals()
+    print(f"\nkill-replica: {totals}, load ran {load.ended - killed_at:.1f}s after the SIGKILL; "
+          f"victim flags then: {sorted(flags)}")
+    assert totals["sent"] == totals["ok"] + totals["failed"]
+    assert totals["failed"] == 0, load.failures
+    assert totals["sent"] > 100
+    assert load.ended - killed_at > 1.0  # the load did run on past the kill
+    assert flags, "Envoy still counted the dead replica as healthy"
+
+
+class ReadLoad:
+    """Two client threads reading the caller's profile, one over gRPC, one over JSON; bounded."""
+
+    def __init__(self, stack: Stack, account: Account, *, seconds: float, most_per_client: int) -> None:
+        self.stack, self.account = stack, account
+        self.seconds, self.most = seconds, most_per_client
+        self.stop = threading.Event()
+        self.warmed_up = threading.Event()
+        self.counts = {name: Counter[str]() for name in ("grpc", "json")}
+        self.failures: list[str] = []
+        self._threads = [threading.Thread(target=self._run, args=(name,), daemon=True) for name in self.counts]
+        self.ended = 0.0
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+        for thread in self._threads:
+            thread.start()
+
+    def finish(self) -> None:
+        """Let the load run its time (it ends sooner only at its count bound), then join it."""
+        self.stop.wait(max(0.0, self._started + self.seconds - time.monotonic()))
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(timeout=15)
+        self.ended = self.ended or time.monotonic()
+
+    def totals(self) -> dict[str, int]:
+        sent = sum(c["sent"] for c in self.counts.values())
+        ok = sum(c["ok"] for c in self.counts.values())
+        return {"sent": sent, "ok": ok, "failed": sent - ok,
+                **{f"{name}_sent": c["sent"] for name, c in self.counts.items()}}
+
+    def _run(self, name: str) -> None:
+        count = self.counts[name]
+        client = Edge(self.stack, LogLines())  # its own connections, and no one reads its logs
+        with grpc.insecure_channel(self.stack.edge_target) as channel:
+            stub = user_service_pb2_grpc.UserServiceStub(channel)
+            for _ in range(self.most):
+                if self.stop.is_set():
+                    break
+                count["sent"] += 1
+                try:
+                    if name == "grpc":
+                        stub.GetUser(user_service_pb2.GetUserRequest(name="users/me"),
+                                     metadata=bearer(self.account.access_token), timeout=5)
+                    else:
+                        reply = client.json("GET", "/v1/users/me", token=self.account.access_token)
+                        if reply.status != 200:
+                            raise RuntimeError(f"HTTP {reply.status}: {reply.body[:200]!r}")
+                except (grpc.RpcError, RuntimeError, OSError) as error:
+                    self.failures.append(f"{name}: {error}")
+                else:
+                    count["ok"] += 1
+                if min(c["ok"] for c in self.counts.values()) >= 20:
+                    self.warmed_up.set()
 
 
 def test_edge_health_endpoint(edge: Edge) -> None:

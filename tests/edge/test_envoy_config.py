@@ -14,7 +14,7 @@ import yaml
 from services.runtime.auth import load_or_create_signing_key
 from tools import envoy_config
 from tools.devstack import envoy_binary, present_services
-from tools.envoy_config import Address, EdgeOptions
+from tools.envoy_config import Address, EdgeOptions, Limit
 
 ROOT = envoy_config.ROOT
 
@@ -169,3 +169,158 @@ def test_topology_leaves_out_domains_it_does_not_name(services: list[envoy_confi
 def test_bad_upstream_flag_is_refused(text: str) -> None:
     with pytest.raises(SystemExit):
         envoy_config.main(["--upstream", text, "--output", "-"])
+
+
+# --- quotas, caching, reads -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("100/s", Limit(100, "second")),
+    ("100/s,250", Limit(100, "second", burst=250)),
+    ("6000/m", Limit(6000, "minute")),
+    ("7", Limit(7, "second")),
+    ("off", None),
+    ("0", None),
+])
+def test_limits_parse_and_print_back(text: str, expected: Limit | None) -> None:
+    parsed = Limit.parse(text)
+
+    assert parsed == expected
+    if parsed is not None:
+        assert Limit.parse(str(parsed)) == parsed
+
+
+@pytest.mark.parametrize("text", ["10/h", "ten/s", "10/s,x", "-1/s"])
+def test_bad_limits_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match=r"expected|bad limit"):
+        Limit.parse(text)
+
+
+def _quota_filter(config: dict[str, Any]) -> dict[str, Any] | None:
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    names = [f["name"] for f in hcm["http_filters"]]
+    for name in ("client_quotas", "envoy.filters.http.ratelimit"):
+        if name in names:
+            # After jwt_authn, which sets the user header the per-user quota reads.
+            assert names.index(name) > names.index("envoy.filters.http.jwt_authn")
+            return _filter(config, name)
+    return None
+
+
+def test_local_quotas_use_one_wildcard_bucket_per_address_and_per_user(
+        services: list[envoy_config.GrpcService]) -> None:
+    options = EdgeOptions(ip_limit=Limit(50, "second", burst=80), user_limit=Limit(600, "minute"))
+    config: Any = envoy_config.plain(envoy_config.build_config(
+        services, envoy_config.default_topology({s.domain for s in services}), options))
+
+    quotas = _quota_filter(config)
+
+    assert quotas is not None
+    typed = quotas["typed_config"]
+    assert typed["descriptors"] == [
+        {"entries": [{"key": "remote_address"}],
+         "token_bucket": {"max_tokens": 80, "tokens_per_fill": 50, "fill_interval": "1s"}},
+        {"entries": [{"key": "user_id"}],
+         "token_bucket": {"max_tokens": 600, "tokens_per_fill": 600, "fill_interval": "60s"}},
+    ]
+    assert typed["rate_limits"] == [
+        {"actions": [{"remote_address": {}}]},
+        {"actions": [{"request_headers": {"header_name": "x-user-id", "descriptor_key": "user_id"}}]},
+    ]
+    assert typed["rate_limited_as_resource_exhausted"] is True
+    assert typed["enable_x_ratelimit_headers"] == "DRAFT_VERSION_03"
+    assert typed["response_headers_to_add"][0]["header"] == {"key": "retry-after", "value": "1"}
+    assert "token_bucket" not in typed  # no default bucket: a call that matches nothing is not limited here
+
+
+def test_quotas_can_be_turned_off(services: list[envoy_config.GrpcService]) -> None:
+    config: Any = envoy_config.plain(envoy_config.build_config(
+        services, envoy_config.default_topology({s.domain for s in services}),
+        EdgeOptions(ip_limit=None, user_limit=None)))
+
+    assert _quota_filter(config) is None
+
+
+def test_global_quotas_go_to_the_rate_limit_service(services: list[envoy_config.GrpcService]) -> None:
+    options = EdgeOptions(rate_limit_service="127.0.0.1:8081", ip_limit=Limit(100, "second"),
+                          user_limit=Limit(1200, "minute"))
+    config: Any = envoy_config.plain(envoy_config.build_config(
+        services, envoy_config.default_topology({s.domain for s in services}), options))
+
+    quotas = _quota_filter(config)
+    service_config = yaml.safe_load(envoy_config.rate_limit_service_config(options))
+
+    assert quotas is not None and quotas["name"] == "envoy.filters.http.ratelimit"
+    typed = quotas["typed_config"]
+    assert typed["domain"] == service_config["domain"] == envoy_config.RATE_LIMIT_DOMAIN
+    assert typed["failure_mode_deny"] is False
+    assert typed["rate_limit_service"]["grpc_service"]["envoy_grpc"]["cluster_name"] == "ratelimit"
+    assert "ratelimit" in {c["name"] for c in config["static_resources"]["clusters"]}
+    assert service_config["descriptors"] == [
+        {"key": "remote_address", "rate_limit": {"unit": "second", "requests_per_unit": 100}},
+        {"key": "user_id", "rate_limit": {"unit": "minute", "requests_per_unit": 1200}},
+    ]
+
+
+def test_reads_retry_on_reset_and_the_rest_do_not(services: list[envoy_config.GrpcService]) -> None:
+    config: Any = envoy_config.plain(envoy_config.build_config(
+        services, envoy_config.default_topology({s.domain for s in services}), EdgeOptions()))
+    routes = {r["name"]: r for r in _routes(config)}
+    user = next(s for s in services if s.full_name == "fittracker.user.v1.UserService")
+
+    reads = routes["fittracker.user.v1.UserService.reads"]
+    everything = routes["fittracker.user.v1.UserService"]
+
+    assert {m.name for m in user.methods if m.read_only} == {"GetJwks", "GetUser", "GetPreferences"}
+    assert reads["match"]["safe_regex"]["regex"] == (
+        r"^/fittracker\.user\.v1\.UserService/(GetJwks|GetUser|GetPreferences)$")
+    assert reads["route"]["retry_policy"]["retry_on"].split(",")[-1] == "reset"
+    assert "reset" not in everything["route"]["retry_policy"]["retry_on"].split(",")
+    # Most specific first: Envoy takes the first matching route.
+    names = list(routes)
+    assert names.index("fittracker.user.v1.UserService.reads") < names.index("fittracker.user.v1.UserService")
+
+
+def test_cacheable_reads_get_their_policy_and_the_etag_marker(services: list[envoy_config.GrpcService]) -> None:
+    config: Any = envoy_config.plain(envoy_config.build_config(
+        services, envoy_config.default_topology({s.domain for s in services}), EdgeOptions()))
+    routes = {r["name"]: r for r in _routes(config)}
+    known = {f"{s.prefix}{m.name}" for s in services for m in s.methods}
+
+    for path, policy in envoy_config.CACHE_POLICIES.items():
+        assert path in known, f"{path} is in no contract"
+        route = routes[path.lstrip("/").replace("/", ".") + ".json"]
+        # Only calls the transcoder rewrote from JSON: gRPC and gRPC-Web replies are not for HTTP caches.
+        assert {"name": "x-envoy-original-path", "present_match": True} in route["match"]["headers"]
+        added = {h["header"]["key"]: h["header"]["value"] for h in route["response_headers_to_add"]}
+        assert added == {"cache-control": policy, envoy_config.ETAG_MARKER: "sha256"}
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    names = [f["name"] for f in hcm["http_filters"]]
+    # Before the transcoder in the chain, so after it on the way out: it hashes JSON, not gRPC frames.
+    assert names.index("envoy.filters.http.lua") < names.index("envoy.filters.http.grpc_json_transcoder")
+    exposed = _cors(config)["expose_headers"]
+    assert {"etag", "x-ratelimit-remaining", "retry-after"} <= {h.strip() for h in exposed.split(",")}
+
+
+def _cors(config: dict[str, Any]) -> dict[str, Any]:
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    policy: dict[str, Any] = hcm["route_config"]["virtual_hosts"][0]["typed_per_filter_config"][
+        "envoy.filters.http.cors"]
+    return policy
+
+
+def test_command_line_renders_global_quotas_that_envoy_accepts(tmp_path: Path, keys_dir: Path) -> None:
+    out, service_config = tmp_path / "envoy.yaml", tmp_path / "ratelimit" / "config.yaml"
+
+    code = envoy_config.main([
+        "--output", str(out), "--listen-port", "0", "--admin-port", "0", "--keys-dir", str(keys_dir),
+        "--descriptor-path", str(ROOT / envoy_config.DESCRIPTOR), "--upstream", "user=127.0.0.1:1",
+        "--ip-limit", "30/s,60", "--user-limit", "off", "--rate-limit-service", "127.0.0.1:8081",
+        "--rate-limit-service-config", str(service_config)])
+    validated = validate(out, tmp_path)
+
+    assert code == 0
+    assert validated.returncode == 0, validated.stdout + validated.stderr
+    assert yaml.safe_load(service_config.read_text())["descriptors"] == [
+        {"key": "remote_address", "rate_limit": {"unit": "second", "requests_per_unit": 30}}]
+    assert "descriptor_key: user_id" not in out.read_text()  # the per-user quota is off
