@@ -59,5 +59,11 @@ test-fast: venv ## Only the tests, skipping the static checks
 up: venv ## Run Envoy and all services locally on the embedded store (Ctrl-C stops everything)
 	@$(PY) tools/devstack.py
 
+loadtest: venv deps ## Load test every present service with ghz (edge + direct), verdicts, report; ARGS=...
+	@$(PY) tools/loadtest.py $(ARGS)
+
+bench: venv deps ## Measure runtime, edge, peer, worker and cache ratios against the targets; ARGS=--quick
+	@$(PY) tools/bench.py $(ARGS)
+
 clean: ## Remove the environment, caches and local data
 	rm -rf $(VENV) .cache .data .pytest_cache .mypy_cache .ruff_cache
