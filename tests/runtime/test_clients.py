@@ -47,7 +47,7 @@ def test_breaker_opens_after_consecutive_failures_and_probes_after_cool_down() -
     assert breaker.state == "closed"
 
 
-def test_outgoing_deadline_is_capped_by_the_incoming_call() -> None:
+async def test_outgoing_deadline_is_capped_by_the_incoming_call() -> None:
     client = ServiceClient("127.0.0.1:1", default_timeout=2.0)
     assert client.timeout() == 2.0
     token = call_deadline.set(0.3)
@@ -56,6 +56,7 @@ def test_outgoing_deadline_is_capped_by_the_incoming_call() -> None:
         assert client.timeout(budget=0.1) == 0.1
     finally:
         call_deadline.reset(token)
+        await client.close()
 
 
 async def test_a_dead_target_fails_fast_once_the_breaker_opens(tmp_path: Path) -> None:
