@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ ADMIN_ROLE = "admin"
 #: The role of tokens services mint for their own calls to each other (events, fan-out).
 SERVICE_ROLE = "service"
 SERVICE_TOKEN_TTL_SECONDS = 300
+#: Verified access tokens remembered per process (LRU), so repeat calls skip the signature check.
+VERIFIED_TOKEN_CACHE_SIZE = 20_000
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,7 @@ class TokenVerifier:
         self._audience = audience
         self._keys: dict[str, Any] = {}
         self._mtime = -1.0
+        self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
 
     def _refresh(self) -> None:
         try:
@@ -137,7 +141,25 @@ class TokenVerifier:
         self._mtime = mtime
 
     def verify(self, token: str) -> Principal:
-        """Return the token's principal or raise UNAUTHENTICATED saying why."""
+        """Return the token's principal or raise UNAUTHENTICATED saying why.
+
+        A verified token is remembered until it expires: an app sends the same access token on
+        every call for its 15 minutes, and an ECDSA verification costs more than most handlers.
+        """
+        cached = self._verified.get(token)
+        if cached is not None:
+            principal, expires = cached
+            if time.time() < expires:
+                self._verified.move_to_end(token)
+                return principal
+            del self._verified[token]
+        principal, expires = self._verify_signature(token)
+        self._verified[token] = (principal, expires)
+        if len(self._verified) > VERIFIED_TOKEN_CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return principal
+
+    def _verify_signature(self, token: str) -> tuple[Principal, float]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -161,13 +183,14 @@ class TokenVerifier:
             raise Unauthenticated("access token expired") from None
         except jwt.PyJWTError:
             raise Unauthenticated("invalid access token") from None
-        return Principal(
+        principal = Principal(
             user_id=str(claims["sub"]),
             role=str(claims.get("role", "member")),
             session_id=str(claims.get("sid", "")),
             token_id=str(claims["jti"]),
             token=token,
         )
+        return principal, float(claims["exp"])
 
 
 def bearer_token(metadata: Mapping[str, str | bytes]) -> str | None:

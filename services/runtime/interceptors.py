@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
@@ -21,7 +22,7 @@ from opentelemetry import trace
 
 from services.runtime import auth
 from services.runtime.errors import DeadlineExceeded, DomainError, Unauthenticated
-from services.runtime.observability import Metrics, monotonic
+from services.runtime.observability import AccessLog, Metrics, monotonic
 from services.runtime.validation import RequestValidator
 
 log = logging.getLogger("fittracker.rpc")
@@ -43,6 +44,25 @@ else:  # generic only in the type stubs
     Handler = grpc.RpcMethodHandler
 
 
+@dataclass
+class MethodStats:
+    """One method's metric series, looked up once when its handler is wrapped, not on every call."""
+
+    service: str
+    name: str
+    in_flight: Any
+    latency: Any
+    metrics: Metrics
+    handled: dict[grpc.StatusCode, Any] = field(default_factory=dict)
+
+    def count(self, code: grpc.StatusCode) -> None:
+        """Count one finished call with ``code``."""
+        child = self.handled.get(code)
+        if child is None:
+            child = self.handled[code] = self.metrics.handled.labels(self.service, self.name, code.name)
+        child.inc()
+
+
 class CallPipeline(grpc.aio.ServerInterceptor):
     """Wraps every handler of a server with the cross-cutting concerns of a FitTracker call."""
 
@@ -61,6 +81,7 @@ class CallPipeline(grpc.aio.ServerInterceptor):
         self._public = frozenset(public_methods)
         self._max_deadline = max_deadline_seconds
         self._validator = validator or RequestValidator()
+        self._access_log = AccessLog(log)
         self._wrapped: dict[str, Handler] = {}
 
     async def intercept_service(
@@ -83,21 +104,26 @@ class CallPipeline(grpc.aio.ServerInterceptor):
         # grpc's type stubs describe sync handlers; an aio server registers coroutine functions
         # and async generators, hence the casts to the aio shapes below.
         service, _, name = method[1:].rpartition("/")
-        labels = (service, name)
+        stats = MethodStats(
+            service, name,
+            in_flight=self._metrics.in_flight.labels(service, name),
+            latency=self._metrics.latency.labels(service, name),
+            metrics=self._metrics,
+        )
         public = method in self._public
         des, ser = handler.request_deserializer, handler.response_serializer
         if handler.unary_unary is not None:
             inner = cast(Unary, handler.unary_unary)
 
             async def unary_unary(request: Message, context: Context) -> Any:
-                return await self._run_unary(labels, public, inner, request, context)
+                return await self._run_unary(stats, public, inner, request, context)
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, des, ser)
         if handler.unary_stream is not None:
             inner_stream = cast(Streaming, handler.unary_stream)
 
             async def unary_stream(request: Message, context: Context) -> AsyncIterator[Any]:
-                async for item in self._run_stream(labels, public, inner_stream, request, context, False):
+                async for item in self._run_stream(stats, public, inner_stream, request, context, False):
                     yield item
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, des, ser)
@@ -105,24 +131,24 @@ class CallPipeline(grpc.aio.ServerInterceptor):
             inner_su = cast(Unary, handler.stream_unary)
 
             async def stream_unary(requests: AsyncIterator[Message], context: Context) -> Any:
-                return await self._run_unary(labels, public, inner_su, self._validated(requests), context)
+                return await self._run_unary(stats, public, inner_su, self._validated(requests), context)
 
             return grpc.stream_unary_rpc_method_handler(stream_unary, des, ser)
         inner_ss = cast(Streaming, handler.stream_stream)
 
         async def stream_stream(requests: AsyncIterator[Message], context: Context) -> AsyncIterator[Any]:
             async for item in self._run_stream(
-                labels, public, inner_ss, self._validated(requests), context, True
+                stats, public, inner_ss, self._validated(requests), context, True
             ):
                 yield item
 
         return grpc.stream_stream_rpc_method_handler(stream_stream, des, ser)
 
     async def _run_unary(
-        self, labels: tuple[str, str], public: bool, inner: Unary, request: Any, context: Context
+        self, stats: MethodStats, public: bool, inner: Unary, request: Any, context: Context
     ) -> Any:
         started = monotonic()
-        self._metrics.in_flight.labels(*labels).inc()
+        stats.in_flight.inc()
         code = grpc.StatusCode.OK
         principal_token = deadline_token = None
         try:
@@ -133,10 +159,10 @@ class CallPipeline(grpc.aio.ServerInterceptor):
             return await inner(request, context)
         except BaseException as error:
             code = self._status_of(error, context)
-            await self._abort(labels, error, context)
+            await self._abort(stats, error, context)
             raise
         finally:
-            self._finish(labels, code, started)
+            self._finish(stats, code, started)
             if principal_token is not None:
                 auth.reset_principal(principal_token)
             if deadline_token is not None:
@@ -144,7 +170,7 @@ class CallPipeline(grpc.aio.ServerInterceptor):
 
     async def _run_stream(
         self,
-        labels: tuple[str, str],
+        stats: MethodStats,
         public: bool,
         inner: Callable[[Any, Context], AsyncIterator[Any]],
         request: Any,
@@ -152,7 +178,7 @@ class CallPipeline(grpc.aio.ServerInterceptor):
         streamed_request: bool,
     ) -> AsyncIterator[Any]:
         started = monotonic()
-        self._metrics.in_flight.labels(*labels).inc()
+        stats.in_flight.inc()
         code = grpc.StatusCode.OK
         principal_token = None
         try:
@@ -164,10 +190,10 @@ class CallPipeline(grpc.aio.ServerInterceptor):
                 yield item
         except BaseException as error:
             code = self._status_of(error, context)
-            await self._abort(labels, error, context)
+            await self._abort(stats, error, context)
             raise
         finally:
-            self._finish(labels, code, started)
+            self._finish(stats, code, started)
             if principal_token is not None:
                 auth.reset_principal(principal_token)
 
@@ -204,7 +230,7 @@ class CallPipeline(grpc.aio.ServerInterceptor):
             return context.code() or grpc.StatusCode.UNKNOWN
         return grpc.StatusCode.INTERNAL
 
-    async def _abort(self, labels: tuple[str, str], error: BaseException, context: Context) -> None:
+    async def _abort(self, stats: MethodStats, error: BaseException, context: Context) -> None:
         """End the call with the status ``error`` maps to, unless gRPC already ended it."""
         if isinstance(error, DomainError):
             await context.abort_with_status(rpc_status.to_status(error.to_status()))
@@ -212,29 +238,21 @@ class CallPipeline(grpc.aio.ServerInterceptor):
             return
         trace_id = format(trace.get_current_span().get_span_context().trace_id, "032x")
         log.error(
-            "unhandled error in %s/%s", *labels, exc_info=error,
-            extra={"fields": {"method": "/".join(labels)}},
+            "unhandled error in %s/%s", stats.service, stats.name, exc_info=error,
+            extra={"fields": {"method": f"{stats.service}/{stats.name}"}},
         )
         # Internals stay in the log; the client gets the trace id to quote.
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error; trace id {trace_id}")
 
-    def _finish(self, labels: tuple[str, str], code: grpc.StatusCode, started: float) -> None:
+    def _finish(self, stats: MethodStats, code: grpc.StatusCode, started: float) -> None:
         elapsed = monotonic() - started
-        self._metrics.in_flight.labels(*labels).dec()
-        self._metrics.handled.labels(*labels, code.name).inc()
-        self._metrics.latency.labels(*labels).observe(elapsed)
-        if log.isEnabledFor(logging.INFO):
+        stats.in_flight.dec()
+        stats.count(code)
+        stats.latency.observe(elapsed)
+        if self._access_log.enabled:
             principal = auth.optional_principal()
-            log.info(
-                "rpc",
-                extra={
-                    "fields": {
-                        "method": f"{labels[0]}/{labels[1]}",
-                        "code": code.name,
-                        "ms": round(elapsed * 1000, 3),
-                        "user": principal.user_id if principal else None,
-                    }
-                },
+            self._access_log.write(
+                f"{stats.service}/{stats.name}", code.name, elapsed, principal.user_id if principal else None
             )
 
 

@@ -78,6 +78,9 @@ class Settings:
     login_failure_window_seconds: int = 900
     #: OTLP gRPC endpoint for traces; empty keeps spans in-process (still propagated).
     otlp_endpoint: str = ""
+    #: Share of the traces started here that are recorded; -1 means all with an OTLP endpoint, none
+    #: without. Calls that arrive with a sampled traceparent are always recorded.
+    trace_sample_ratio: float = -1.0
     #: Addresses of the other services, "host:port", for outgoing calls.
     user_addr: str = ""
     workout_addr: str = ""
@@ -125,6 +128,8 @@ class Settings:
             raise SettingsError(f"{PREFIX}PORT must be between 0 and 65535, got {self.port}")
         if not 0 <= self.workers <= 64:
             raise SettingsError(f"{PREFIX}WORKERS must be between 0 and 64, got {self.workers}")
+        if not (self.trace_sample_ratio == -1 or 0 <= self.trace_sample_ratio <= 1):
+            raise SettingsError(f"{PREFIX}TRACE_SAMPLE_RATIO must be between 0 and 1")
         if self.grace_seconds < 0 or self.drain_notice_seconds < 0:
             raise SettingsError(f"{PREFIX}GRACE_SECONDS and {PREFIX}DRAIN_NOTICE_SECONDS must not be negative")
         if self.access_token_ttl_seconds < 30 or self.access_token_ttl_seconds > 3600:
