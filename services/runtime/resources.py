@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
 from services.runtime.auth import JWKS_FILE, ServiceCredentials, TokenVerifier
+from services.runtime.cache import Cache, CacheMetrics, Codec
 from services.runtime.clients import ChannelPool, ServiceClient
 from services.runtime.counters import Counters, RedisCounters, StoreCounters
 from services.runtime.events import EventBus, open_bus
 from services.runtime.observability import Metrics
 from services.runtime.settings import ServiceName, Settings
 from services.runtime.storage import DocumentStore, open_store
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -29,6 +33,23 @@ class Resources:
     #: Domain events: Redis Streams when Redis is configured, else the machine's embedded log.
     events: EventBus
     channels: ChannelPool = field(default_factory=ChannelPool)
+    _caches: list[Cache[Any]] = field(default_factory=list)
+    _cache_metrics: CacheMetrics | None = None
+
+    async def shared_cache(self, name: str, codec: Codec[T]) -> Cache[T] | None:
+        """A read cache shared by every replica through Redis, or None without Redis.
+
+        Without Redis an in-process cache could serve one replica's stale copy after a write on
+        another, and the stores it would front answer in microseconds anyway, so there is none.
+        """
+        if self.redis is None:
+            return None
+        if self._cache_metrics is None:
+            self._cache_metrics = CacheMetrics(self.metrics.registry)
+        cache = Cache(name, codec, redis=self.redis, metrics=self._cache_metrics)
+        await cache.start()
+        self._caches.append(cache)
+        return cache
 
     @classmethod
     async def open(cls, settings: Settings) -> Resources:
@@ -60,6 +81,8 @@ class Resources:
 
     async def close(self) -> None:
         """Close channels, the event bus, Redis and the store."""
+        for cache in self._caches:
+            await cache.close()
         await self.channels.close()
         await self.events.close()
         if self.redis is not None:

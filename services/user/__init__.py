@@ -8,6 +8,7 @@ import grpc
 from fittracker.user.v1 import user_service_pb2_grpc
 
 from services.runtime.auth import load_or_create_signing_key, public_jwk
+from services.runtime.cache import DocumentCodec
 from services.runtime.events import Outbox
 from services.runtime.resources import Resources
 from services.runtime.server import ServiceDefinition
@@ -21,7 +22,7 @@ from services.user.tokens import TokenService
 async def build(settings: Settings, resources: Resources) -> ServiceDefinition:
     """Wire the user service from the shared resources."""
     signing_key = load_or_create_signing_key(settings.keys_dir, allow_create=settings.environment != "production")
-    users = UserRepository(resources.store)
+    users = UserRepository(resources.store, await resources.shared_cache("users", DocumentCodec()))
     tokens = TokenService(
         resources.store,
         signing_key,

@@ -6,6 +6,7 @@ import hashlib
 import json
 from typing import Any
 
+from services.runtime.cache import Cache
 from services.runtime.errors import AlreadyExists
 from services.runtime.storage import CollectionSpec, Document, DocumentStore, DuplicateKeyError, IndexSpec
 from services.runtime.timeutil import now
@@ -34,10 +35,11 @@ def profile_etag(doc: Document) -> str:
 class UserRepository:
     """Reads and writes user documents."""
 
-    def __init__(self, store: DocumentStore) -> None:
-        """Use ``store``'s ``users`` collection."""
+    def __init__(self, store: DocumentStore, cache: Cache[Document] | None = None) -> None:
+        """Use ``store``'s ``users`` collection, reading by id through ``cache`` when given."""
         self._store = store
         self._users = store.collection(USERS)
+        self._cache = cache
 
     async def ensure(self) -> None:
         """Create the indexes."""
@@ -60,8 +62,14 @@ class UserRepository:
         return doc, True
 
     async def get(self, user_id: str) -> Document | None:
-        """The user with this id."""
-        return await self._users.get(user_id)
+        """The user with this id (a shared read-only document when it comes from the cache)."""
+        if self._cache is None:
+            return await self._users.get(user_id)
+        return await self._cache.get_or_load(user_id, lambda: self._users.get(user_id))
+
+    async def _invalidate(self, user_id: str) -> None:
+        if self._cache is not None:
+            await self._cache.invalidate(user_id)
 
     async def by_email(self, email: str) -> Document | None:
         """The user with this (lower-cased) email."""
@@ -73,11 +81,15 @@ class UserRepository:
         if current is None or (expected_etag and profile_etag(current) != expected_etag):
             return None
         # Conditional on the update_time read above: a concurrent writer makes this match nothing.
-        return await self._users.update_one(
+        updated = await self._users.update_one(
             {"_id": user_id, "update_time": current["update_time"]},
             {"$set": {**changes, "update_time": now()}},
         )
+        await self._invalidate(user_id)
+        return updated
 
     async def delete(self, user_id: str) -> bool:
         """Delete the user document."""
-        return await self._users.delete_one({"_id": user_id})
+        deleted = await self._users.delete_one({"_id": user_id})
+        await self._invalidate(user_id)
+        return deleted
