@@ -651,6 +651,11 @@ class EmbeddedCollection:
         self.spec = spec
         self._built: frozenset[str] = frozenset()
         self._equality_indexes = {i.keys[0][0]: i for i in spec.indexes if len(i.keys) == 1}
+        # A compound index answers equality on its first field too (per-user lists, mostly): its
+        # keys are "[first,rest...]", so a range over the "[first," prefix finds them.
+        self._prefix_indexes = {
+            i.keys[0][0]: i for i in spec.indexes if len(i.keys) > 1 and i.keys[0][0] not in self._equality_indexes
+        }
 
     @property
     def name(self) -> str:
@@ -691,6 +696,15 @@ class EmbeddedCollection:
                     " AND id IN (SELECT id FROM index_keys WHERE coll = ? AND idx = ? AND key IN "  # noqa: S608
                     f"({','.join('?' * len(values))}))",
                     [self.name, index.name, *(_key(v) for v in values)],
+                )
+            prefix_index = self._prefix_indexes.get(path)
+            if (prefix_index is not None and not best[0] and len(values) == 1
+                    and prefix_index.name in self._built_indexes(conn)):
+                # "," sorts just before "-": [start, end) holds exactly the keys beginning "[value,".
+                start = "[" + _key(values[0]) + ","
+                best = (
+                    " AND id IN (SELECT id FROM index_keys WHERE coll = ? AND idx = ? AND key >= ? AND key < ?)",
+                    [self.name, prefix_index.name, start, start[:-1] + "-"],
                 )
         return best
 
