@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.servers import start_ferretdb, start_redis
+from tests.support import BACKENDS
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +31,9 @@ def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Which storage and event bus a service under test runs on (see tests.support.BACKENDS)."""
+    return str(request.param)

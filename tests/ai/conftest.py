@@ -27,8 +27,6 @@ from fittracker.user.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
 from fittracker.workout.v1 import workout_pb2, workout_service_pb2, workout_service_pb2_grpc
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.timestamp_pb2 import Timestamp
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 import services.ai
 import services.user
@@ -37,6 +35,7 @@ from services.runtime.events import BusTuning, EmbeddedBus, EventBus, RedisStrea
 from services.runtime.server import RunningService, start_service
 from services.runtime.settings import ServiceName, Settings
 from services.runtime.storage import EmbeddedStore
+from tests.support import backend_settings, bearer
 
 if TYPE_CHECKING:
     from fittracker.ai.v1.ai_service_pb2_grpc import AiServiceAsyncStub
@@ -50,11 +49,6 @@ FAST = BusTuning(claim_idle_seconds=2.0, claim_interval_seconds=0.2, retry_base_
 BARBELL_GYM = (fit.EQUIPMENT_BARBELL, fit.EQUIPMENT_BENCH, fit.EQUIPMENT_PULL_UP_BAR)
 #: (exercise slug, reps, kg, RPE or None) of one logged set; 0 reps logs a 45-second timed set.
 SetSpec = tuple[str, int, float, float | None]
-
-
-def bearer(token: str) -> tuple[tuple[str, str]]:
-    """Call metadata carrying an access token."""
-    return (("authorization", f"Bearer {token}"),)
 
 
 @dataclass
@@ -180,19 +174,6 @@ class Stack:
         return found
 
 
-def field_violations(error: grpc.aio.AioRpcError) -> list[str]:
-    """The fields named by the BadRequest detail of an INVALID_ARGUMENT."""
-    status = rpc_status.from_call(error)
-    assert status is not None, "INVALID_ARGUMENT must carry rich details"
-    fields = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields += [v.field for v in bad.field_violations]
-    return fields
-
-
 def _stamp(value: datetime) -> Timestamp:
     stamp = Timestamp()
     stamp.FromDatetime(value.astimezone(UTC))
@@ -203,22 +184,6 @@ def days_ago(days: float, hour: int = 10) -> datetime:
     """A moment ``days`` calendar days before today (UTC) at ``hour`` o'clock, never in the future."""
     moment = datetime.now(UTC).replace(hour=hour, minute=0, second=0, microsecond=0) - timedelta(days=days)
     return min(moment, datetime.now(UTC) - timedelta(hours=2))
-
-
-def settings_for(service: ServiceName, backend: str, data_dir: Path, mongo_url: str, redis_url: str) -> Settings:
-    """Settings of one service: the embedded store alone, or FerretDB (a database each) with Redis."""
-    return Settings(
-        service=service,
-        environment="test",
-        port=0,
-        data_dir=data_dir,
-        mongo_url=mongo_url if backend == "mongo" else "",
-        mongo_database=f"{service}_{uuid.uuid4().hex[:8]}",
-        redis_url=redis_url if backend == "mongo" else "",
-        argon2_memory_kib=1024,
-        argon2_time_cost=1,
-        log_level="WARNING",
-    )
 
 
 async def start_stack(backend: str, data_dir: Path, mongo_url: str, redis_url: str) -> Stack:
@@ -259,12 +224,6 @@ async def stop_stack(stack: Stack) -> None:
         await stack.redis.aclose()
 
 
-@pytest.fixture(scope="module", params=["embedded", "mongo"])
-def backend(request: pytest.FixtureRequest) -> str:
-    """Which storage (and event bus) the services run on."""
-    return str(request.param)
-
-
 @pytest_asyncio.fixture(scope="module")
 async def stack(backend: str, tmp_path_factory: pytest.TempPathFactory,
                 request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
@@ -283,3 +242,8 @@ async def stack(backend: str, tmp_path_factory: pytest.TempPathFactory,
     await asyncio.gather(reader, return_exceptions=True)
     await stop_stack(running)
     await reader_store.close()
+
+
+def settings_for(service: ServiceName, backend: str, data_dir: Path, mongo_url: str, redis_url: str) -> Settings:
+    """Settings of one service on one backend."""
+    return backend_settings(service, backend, data_dir, mongo_url, redis_url)

@@ -10,7 +10,8 @@ import pytest
 from fittracker.ai.v1 import ai_pb2, ai_service_pb2
 
 from tests.ai import kinematics as k
-from tests.ai.conftest import Stack, field_violations
+from tests.ai.conftest import Stack
+from tests.support import field_violations
 
 SQUAT = ai_pb2.EXERCISE_KIND_SQUAT
 

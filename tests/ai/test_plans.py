@@ -13,7 +13,8 @@ from fittracker.ai.v1 import ai_pb2, ai_service_pb2
 from fittracker.common.v1 import fitness_pb2 as fit
 
 from services.ai.planner import target_rpe_of
-from tests.ai.conftest import BARBELL_GYM, Caller, SetSpec, Stack, days_ago, field_violations
+from tests.ai.conftest import BARBELL_GYM, Caller, SetSpec, Stack, days_ago
+from tests.support import field_violations
 
 STRENGTH, HYPERTROPHY, ENDURANCE, WEIGHT_LOSS = (
     fit.FITNESS_GOAL_STRENGTH, fit.FITNESS_GOAL_HYPERTROPHY, fit.FITNESS_GOAL_ENDURANCE, fit.FITNESS_GOAL_WEIGHT_LOSS,

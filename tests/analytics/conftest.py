@@ -31,6 +31,7 @@ from services.runtime.auth import ADMIN_ROLE, SERVICE_ROLE, key_id, load_or_crea
 from services.runtime.events import OUTBOX, Outbox, fact_id, make_envelope
 from services.runtime.server import RunningService, start_service
 from services.runtime.settings import Settings
+from tests.support import backend_settings, bearer
 
 if TYPE_CHECKING:
     from fittracker.analytics.v1.analytics_service_pb2_grpc import AnalyticsServiceAsyncStub
@@ -117,11 +118,6 @@ def user_deleted(user_id: str, request_id: str) -> events_pb2.EventEnvelope:
     )
 
 
-def bearer(token: str) -> tuple[tuple[str, str]]:
-    """Call metadata carrying an access token."""
-    return (("authorization", f"Bearer {token}"),)
-
-
 @dataclass
 class AnalyticsApi:
     """A client of the running service, the projector over its store, and token minting."""
@@ -173,26 +169,6 @@ def new_user() -> str:
     return uuid.uuid4().hex
 
 
-def settings_for(backend: str, data_dir: Path, mongo_url: str, redis_url: str) -> Settings:
-    """Settings for one backend: the embedded store and bus alone, or MongoDB (FerretDB) with Redis."""
-    return Settings(
-        service="analytics",
-        environment="test",
-        port=0,
-        data_dir=data_dir,
-        mongo_url=mongo_url if backend == "mongo" else "",
-        mongo_database=f"analytics_{uuid.uuid4().hex[:8]}",
-        redis_url=redis_url if backend == "mongo" else "",
-        log_level="WARNING",
-    )
-
-
-@pytest.fixture(scope="module", params=["embedded", "mongo"])
-def backend(request: pytest.FixtureRequest) -> str:
-    """Which storage (and bus) the service runs on."""
-    return str(request.param)
-
-
 @pytest_asyncio.fixture(scope="module")
 async def api(
     backend: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
@@ -212,3 +188,8 @@ async def api(
     )
     await channel.close()
     await running.stop(grace=1)
+
+
+def settings_for(backend: str, data_dir: Path, mongo_url: str, redis_url: str) -> Settings:
+    """Settings of the analytics service on one backend."""
+    return backend_settings("analytics", backend, data_dir, mongo_url, redis_url)

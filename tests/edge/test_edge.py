@@ -19,6 +19,7 @@ from fittracker.user.v1 import user_pb2, user_service_pb2, user_service_pb2_grpc
 from google.protobuf import field_mask_pb2
 
 from tests.edge.conftest import GRPC_WEB, ORIGIN, PASSWORD, SERVICE_ENV, Account, Edge, LogLines, sign_token
+from tests.support import bearer
 from tools import envoy_config
 from tools.devstack import Stack
 
@@ -26,11 +27,6 @@ pytestmark = pytest.mark.edge
 
 UNAUTHENTICATED = 16
 DRAIN_NOTICE_SECONDS = float(SERVICE_ENV["FITTRACKER_DRAIN_NOTICE_SECONDS"])
-
-
-def bearer(token: str) -> tuple[tuple[str, str]]:
-    """gRPC metadata carrying an access token."""
-    return (("authorization", f"Bearer {token}"),)
 
 
 def sign(stack: Stack, claims: dict[str, Any], *, key: ec.EllipticCurvePrivateKey | None = None) -> str:

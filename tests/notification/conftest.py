@@ -29,6 +29,7 @@ from services import notification, user
 from services.runtime.server import RunningService, start_service
 from services.runtime.settings import Settings
 from tests.notification.peers import ApnsPeer, HttpPeer, SmtpPeer
+from tests.support import bearer
 
 if TYPE_CHECKING:
     from fittracker.notification.v1.notification_service_pb2_grpc import NotificationServiceAsyncStub
@@ -41,11 +42,6 @@ APNS_TEAM_ID = "TEAM123456"
 APNS_TOPIC = "app.fittracker.ios"
 SMS_API_KEY = "sms-test-key-1"
 SEND_LIMIT = 8
-
-
-def bearer(token: str) -> tuple[tuple[str, str]]:
-    """Call metadata carrying an access token."""
-    return (("authorization", f"Bearer {token}"),)
 
 
 @dataclass
@@ -169,12 +165,6 @@ def _provider_keys(directory: Path, token_uri: str) -> tuple[Path, Path, Provide
     apns_file = directory / f"AuthKey_{APNS_KEY_ID}.p8"
     apns_file.write_bytes(ec_key.private_bytes(pem, pkcs8, none))
     return fcm_file, apns_file, ProviderKeys(rsa_key.public_key(), client_email, ec_key.public_key())
-
-
-@pytest.fixture(scope="module", params=["embedded", "mongo"])
-def backend(request: pytest.FixtureRequest) -> str:
-    """Which storage the services run on."""
-    return str(request.param)
 
 
 @pytest_asyncio.fixture(scope="module")

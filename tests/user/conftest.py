@@ -16,6 +16,7 @@ from fittracker.user.v1 import user_service_pb2, user_service_pb2_grpc
 from services.runtime.server import start_service
 from services.runtime.settings import Settings
 from services.user import build
+from tests.support import backend_settings
 
 if TYPE_CHECKING:
     from fittracker.user.v1.user_service_pb2_grpc import UserServiceAsyncStub
@@ -40,35 +41,6 @@ class UserApi:
         )
 
 
-def bearer(token: str) -> tuple[tuple[str, str]]:
-    """Call metadata carrying an access token."""
-    return (("authorization", f"Bearer {token}"),)
-
-
-def settings_for(backend: str, data_dir: Path, mongo_url: str, redis_url: str) -> Settings:
-    """Settings for one backend: the embedded store alone, or MongoDB (FerretDB) with Redis."""
-    return Settings(
-        service="user",
-        environment="test",
-        port=0,
-        data_dir=data_dir,
-        mongo_url=mongo_url if backend == "mongo" else "",
-        mongo_database=f"user_{uuid.uuid4().hex[:8]}",
-        redis_url=redis_url if backend == "mongo" else "",
-        argon2_memory_kib=1024,
-        argon2_time_cost=1,
-        admin_emails=ADMIN_EMAIL,
-        login_max_failures=3,
-        log_level="WARNING",
-    )
-
-
-@pytest.fixture(scope="module", params=["embedded", "mongo"])
-def backend(request: pytest.FixtureRequest) -> str:
-    """Which storage the service runs on."""
-    return str(request.param)
-
-
 @pytest_asyncio.fixture(scope="module")
 async def user_api(
     backend: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
@@ -82,3 +54,10 @@ async def user_api(
     yield UserApi(user_service_pb2_grpc.UserServiceStub(channel), channel, settings)
     await channel.close()
     await running.stop(grace=1)
+
+
+def settings_for(backend: str, data_dir: Path, mongo_url: str, redis_url: str) -> Settings:
+    """Settings of the user service on one backend."""
+    return backend_settings(
+        "user", backend, data_dir, mongo_url, redis_url, admin_emails=ADMIN_EMAIL, login_max_failures=3
+    )

@@ -8,7 +8,8 @@ from google.protobuf.field_mask_pb2 import FieldMask
 
 from services.runtime.server import start_service
 from services.user import build
-from tests.user.conftest import bearer, settings_for
+from tests.support import bearer
+from tests.user.conftest import settings_for
 
 
 async def test_a_write_on_one_replica_is_read_at_once_on_the_other(

@@ -22,7 +22,8 @@ from services.user.repository import UserRepository
 from services.user.service import DELETIONS, ERASING_SERVICES, DeletionSaga
 from tests.events.conftest import FAST
 from tests.events.support import Recorder, drained, eventually, running
-from tests.user.conftest import UserApi, bearer
+from tests.support import bearer
+from tests.user.conftest import UserApi
 
 USER_STREAM = stream_of("user")
 

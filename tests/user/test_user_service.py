@@ -14,25 +14,11 @@ import pytest
 from fittracker.common.v1 import fitness_pb2
 from fittracker.user.v1 import user_pb2, user_service_pb2
 from google.protobuf.field_mask_pb2 import FieldMask
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 
 from services.runtime.auth import load_or_create_signing_key
-from tests.user.conftest import ADMIN_EMAIL, UserApi, bearer
-
-
-def field_violations(error: grpc.aio.AioRpcError) -> list[str]:
-    """The fields named by the BadRequest detail of an INVALID_ARGUMENT."""
-    status = rpc_status.from_call(error)
-    assert status is not None, "INVALID_ARGUMENT must carry rich details"
-    fields = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields += [v.field for v in bad.field_violations]
-    return fields
+from tests.support import bearer, field_violations
+from tests.user.conftest import ADMIN_EMAIL, UserApi
 
 
 def forge_subject(token: str, subject: str) -> str:

@@ -29,6 +29,7 @@ from services.runtime.settings import Settings
 from services.runtime.storage import EmbeddedStore
 from services.user.tokens import TokenService
 from services.workout import build
+from tests.support import backend_settings, bearer
 
 if TYPE_CHECKING:
     from fittracker.workout.v1.workout_service_pb2_grpc import WorkoutServiceAsyncStub
@@ -38,11 +39,6 @@ EVENT_TIMEOUT_SECONDS = 15.0
 #: Short consumer timings, so the test's reader sees entries promptly.
 FAST = BusTuning(claim_idle_seconds=2.0, claim_interval_seconds=0.2, retry_base_seconds=0.05,
                  retry_max_seconds=0.2, block_seconds=0.2)
-
-
-def bearer(token: str) -> tuple[tuple[str, str]]:
-    """Call metadata carrying an access token."""
-    return (("authorization", f"Bearer {token}"),)
 
 
 @dataclass
@@ -107,26 +103,6 @@ class WorkoutApi:
         return Caller(user_id, issued.access_token)
 
 
-def settings_for(backend: str, data_dir: Path, mongo_url: str, redis_url: str) -> Settings:
-    """Settings for one backend: the embedded store alone, or MongoDB (FerretDB) with Redis."""
-    return Settings(
-        service="workout",
-        environment="test",
-        port=0,
-        data_dir=data_dir,
-        mongo_url=mongo_url if backend == "mongo" else "",
-        mongo_database=f"workout_{uuid.uuid4().hex[:8]}",
-        redis_url=redis_url if backend == "mongo" else "",
-        log_level="WARNING",
-    )
-
-
-@pytest.fixture(scope="module", params=["embedded", "mongo"])
-def backend(request: pytest.FixtureRequest) -> str:
-    """Which storage (and event bus) the service runs on."""
-    return str(request.param)
-
-
 @pytest_asyncio.fixture(scope="module")
 async def workout_api(
     backend: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
@@ -161,3 +137,8 @@ async def workout_api(
     if redis is not None:
         await redis.aclose()
     await token_store.close()
+
+
+def settings_for(backend: str, data_dir: Path, mongo_url: str, redis_url: str) -> Settings:
+    """Settings of the workout service on one backend."""
+    return backend_settings("workout", backend, data_dir, mongo_url, redis_url)

@@ -22,7 +22,7 @@ from grpc_status import rpc_status
 
 from services.runtime.events import fact_id, make_envelope
 from services.workout.catalog import fold
-from tests.user.test_user_service import field_violations
+from tests.support import field_violations
 from tests.workout.conftest import Caller, WorkoutApi
 
 pb = workout_service_pb2
