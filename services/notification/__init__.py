@@ -88,4 +88,5 @@ async def build(settings: Settings, resources: Resources) -> ServiceDefinition:
         public_methods=PUBLIC_METHODS,
         background=[hub.run, worker.run, consumer, outbox.relay],
         close=close,
+        on_drain=hub.drain,
     )

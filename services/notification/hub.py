@@ -72,6 +72,8 @@ class Listener:
         self.check_store = False
         #: Set when the user's data was erased: the stream ends.
         self.ended = False
+        #: Set when this replica starts draining: the stream ends so the client resubscribes elsewhere.
+        self.draining = False
 
     def offer(self, notification: notification_pb2.Notification | None = None, hint: int = 0) -> None:
         """Hand over a new notification, or only the news that cursors up to ``hint`` exist."""
@@ -92,6 +94,11 @@ class Listener:
     def end(self) -> None:
         """Close the stream (the user's data is gone)."""
         self.ended = True
+        self._event.set()
+
+    def drain(self) -> None:
+        """Close the stream because this replica is shutting down."""
+        self.draining = True
         self._event.set()
 
     def take(self) -> tuple[list[notification_pb2.Notification], bool]:
@@ -177,6 +184,15 @@ class Hub:
                 await self._redis.publish(CHANNEL_PREFIX + user_id, notification.SerializeToString())
             except (RedisError, OSError) as error:
                 log.warning("redis publish failed", extra={"fields": {"user": user_id, "error": repr(error)}})
+
+    async def drain(self) -> None:
+        """End every stream of this process, because the replica is draining.
+
+        Clients resubscribe (with their cursor) to another replica now, not when the grace period ends.
+        """
+        for listeners in list(self._local.values()):
+            for listener in list(listeners):
+                listener.drain()
 
     def end_user(self, user_id: str) -> None:
         """End this process's streams of ``user_id`` (their data was erased)."""

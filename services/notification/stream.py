@@ -23,7 +23,7 @@ from fittracker.notification.v1 import notification_pb2, notification_service_pb
 from services.notification.codec import to_notification
 from services.notification.hub import Listener
 from services.notification.repository import NotificationRepository
-from services.runtime.errors import NotFound
+from services.runtime.errors import NotFound, Unavailable
 from services.runtime.timeutil import now, to_timestamp
 
 #: How long a missing cursor may stay missing before the stream steps over it.
@@ -68,6 +68,8 @@ class Stream:
             arrived, check_store = self._listener.take()
             if self._listener.ended:
                 raise NotFound(f"users/{self._user_id} not found")
+            if self._listener.draining:
+                raise Unavailable("this server is shutting down; subscribe again with your last cursor")
             for notification in arrived:
                 self._offer(notification)
             self._target = max(self._target, self._listener.hint)

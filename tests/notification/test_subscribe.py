@@ -163,3 +163,21 @@ async def test_a_draining_server_ends_streams_with_unavailable(env: Notification
     finally:
         await channel.close()
 
+
+
+async def test_draining_ends_streams_at_once_not_after_the_grace_period(env: NotificationEnv) -> None:
+    ada = await env.account()
+    extra = await start_service(env.settings, notification.build)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{extra.port}")
+    try:
+        stub = notification_service_pb2_grpc.NotificationServiceStub(channel)
+        call = stub.Subscribe(notification_service_pb2.SubscribeRequest(parent=ada.name), metadata=ada.auth)
+        assert (await read(call)).HasField("heartbeat")
+        stopping = asyncio.create_task(extra.stop(grace=60))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await asyncio.wait_for(call.read(), READ_TIMEOUT)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "subscribe again" in (err.value.details() or "")
+        await asyncio.wait_for(stopping, READ_TIMEOUT)
+    finally:
+        await channel.close()
