@@ -12,7 +12,7 @@ from typing import Protocol
 
 import redis.asyncio as aioredis
 
-from services.runtime.storage import CollectionSpec, DocumentStore, IndexSpec
+from services.runtime.storage import CollectionSpec, DocumentStore, DuplicateKeyError, IndexSpec
 
 COUNTERS = CollectionSpec(
     name="counters",
@@ -87,11 +87,12 @@ class StoreCounters:
         now = datetime.now(UTC)
         # An expired document may linger until the TTL sweep: start it over instead of adding to it.
         await self._col.delete_one({"_id": key, "expires_at": {"$lte": now}})
-        doc = await self._col.update_one(
-            {"_id": key},
-            {"$inc": {"count": 1}, "$setOnInsert": {"expires_at": now + timedelta(seconds=window_seconds)}},
-            upsert=True,
-        )
+        update = {"$inc": {"count": 1}, "$setOnInsert": {"expires_at": now + timedelta(seconds=window_seconds)}}
+        try:
+            doc = await self._col.update_one({"_id": key}, update, upsert=True)
+        except DuplicateKeyError:
+            # Two first increments raced to create the counter: the loser's retry finds it and adds to it.
+            doc = await self._col.update_one({"_id": key}, update, upsert=True)
         return int(doc["count"]) if doc else 1
 
     async def get(self, key: str) -> int:
