@@ -146,12 +146,14 @@ async def start_service(settings: Settings, build: Builder, resources: Resources
 
 
 async def _serve_until_signalled(settings: Settings, build: Builder) -> None:
-    running = await start_service(settings, build)
-    log.info("serving", extra={"fields": {"address": f"{settings.host}:{running.port}"}})
+    # Handlers first: a SIGTERM that arrives while the service is still starting must stop it
+    # cleanly once it is up, not kill the process half-way through opening its store.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    running = await start_service(settings, build)
+    log.info("serving", extra={"fields": {"address": f"{settings.host}:{running.port}"}})
     await stop.wait()
     log.info("draining", extra={"fields": {"grace_seconds": settings.grace_seconds}})
     await running.stop(settings.grace_seconds, drain_notice=settings.drain_notice_seconds)
@@ -184,20 +186,29 @@ def _supervise(service: ServiceName, workers: int) -> None:
 
     Workers are fresh interpreters rather than forks: gRPC's core must not be forked once started.
     """
-    children = [
-        subprocess.Popen(  # noqa: S603 - runs this same interpreter on our own module
-            [sys.executable, "-m", f"services.{service}"],
-            env={**os.environ, "FITTRACKER_WORKER_INDEX": str(i)},
-        )
-        for i in range(workers)
-    ]
+    children: list[subprocess.Popen[bytes]] = []
+    relayed: list[int] = []
 
     def relay(signum: int, _frame: Any) -> None:
+        relayed.append(signum)
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
+    # Handlers before the first worker exists, so no signal can leave a worker orphaned.
     signal.signal(signal.SIGTERM, relay)
     signal.signal(signal.SIGINT, relay)
+    for i in range(workers):
+        if relayed:
+            break
+        children.append(
+            subprocess.Popen(  # noqa: S603 - runs this same interpreter on our own module
+                [sys.executable, "-m", f"services.{service}"],
+                env={**os.environ, "FITTRACKER_WORKER_INDEX": str(i)},
+            )
+        )
     codes = [child.wait() for child in children]
+    # A worker still importing when the stop signal came dies of it before its handlers exist:
+    # that is the stop we asked for, not a failure.
+    codes = [0 if relayed and code in (-signal.SIGTERM, -signal.SIGINT) else code for code in codes]
     raise SystemExit(max(codes, key=abs))

@@ -8,7 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -169,23 +169,29 @@ def test_workers_share_one_port_and_stop_on_sigterm(tmp_path: Path) -> None:
     supervisor = subprocess.Popen(
         [sys.executable, "-m", "services.user"], env=env, stderr=subprocess.PIPE, cwd=ROOT, text=True
     )
+    lines: list[str] = []
+    both_serving = threading.Event()
+
+    def read_log() -> None:
+        assert supervisor.stderr is not None
+        for line in supervisor.stderr:
+            lines.append(line)
+            if sum('"msg": "serving"' in seen for seen in lines) == 2:
+                both_serving.set()
+
+    reader = threading.Thread(target=read_log, daemon=True)
+    reader.start()
     try:
+        assert both_serving.wait(timeout=30), "".join(lines)[-2000:]
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-            except grpc.RpcError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
         channel.close()
     finally:
         supervisor.send_signal(signal.SIGTERM)
-        _, stderr = supervisor.communicate(timeout=30)
+        supervisor.wait(timeout=30)
+        reader.join(timeout=5)
+    stderr = "".join(lines)
     assert supervisor.returncode == 0, stderr[-2000:]
     assert stderr.count('"msg": "serving"') == 2, stderr[-2000:]
     assert stderr.count('"msg": "stopped"') == 2, stderr[-2000:]
@@ -197,3 +203,4 @@ async def test_health_watch_streams_the_status(probe: tuple[RunningService, grpc
     first = await watch.read()
     assert first.status == health_pb2.HealthCheckResponse.SERVING
     watch.cancel()
+
