@@ -4,24 +4,41 @@ SHELL := /bin/bash
 
 VENV   := .venv
 PY     := $(VENV)/bin/python
+UV_ENV := .cache/uv
+UV     := $(UV_ENV)/bin/uv
 BUF    := $(VENV)/bin/buf
 export PYTHONPATH := $(CURDIR):$(CURDIR)/clients/python/generated
 export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/.cache/bin:/usr/local/go/bin:$(PATH)
 
-.PHONY: help venv deps gen check-gen lint buf-lint buf-breaking typecheck test test-fast up loadtest bench clean
+.PHONY: help venv lock lock-check deps gen check-gen lint buf-lint buf-breaking typecheck test test-fast up loadtest bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml
-	@echo "==> Python environment ($(VENV))"
-	@test -x $(PY) || python3 -m venv $(VENV)
-	@$(PY) -m pip install --quiet --upgrade pip
-	@$(PY) -m pip install --quiet -e '.[dev]'
+# uv is the one tool installed outside the lock, by hash, into a virtualenv of its own.
+$(UV): tools/uv-requirements.txt
+	@echo "==> uv (hash-pinned in tools/uv-requirements.txt)"
+	@rm -rf $(UV_ENV) && python3 -m venv $(UV_ENV)
+	@$(UV_ENV)/bin/pip install --quiet --require-hashes --no-deps -r tools/uv-requirements.txt
+	@touch $@
+
+# `--locked` refuses to run when uv.lock no longer matches pyproject.toml; sync is exact, so a package
+# that is not in the lock is removed.
+$(VENV)/.installed: pyproject.toml uv.lock $(UV)
+	@echo "==> Python environment ($(VENV)), exactly as uv.lock says"
+	@$(UV) sync --locked --quiet
 	@$(PY) tools/proto_deps.py .cache/proto-deps
 	@touch $@
 
-venv: $(VENV)/.installed ## Create the virtual environment with every Python package
+venv: $(VENV)/.installed ## Create the virtual environment with every locked Python package
+
+lock: $(UV) ## Re-resolve uv.lock to the newest releases pyproject.toml admits (on purpose; then make test)
+	@$(UV) lock --upgrade
+
+lock-check: venv ## Fail when uv.lock and pyproject.toml disagree or .venv holds anything but the lock
+	@echo "==> uv.lock"
+	@$(UV) lock --check --quiet
+	@$(UV) sync --locked --check --quiet
 
 deps: venv ## Install the servers and tools the tests use (Redis, FerretDB, ghz, h2load)
 	@bash tools/install_deps.sh
@@ -49,7 +66,7 @@ lint: venv buf-lint ## Lint contracts and Python
 	@echo "==> ruff"
 	@$(VENV)/bin/ruff check services tools tests
 
-test: venv deps check-gen lint buf-breaking typecheck ## Run every check and the whole test suite
+test: lock-check deps check-gen lint buf-breaking typecheck ## Run every check and the whole test suite
 	@echo "==> pytest"
 	@$(PY) -m pytest
 

@@ -500,7 +500,7 @@ class Cache(Generic[T]):
                 await asyncio.sleep(delay)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+                    await pubsub.aclose()
 
     async def _apply(self, data: bytes | str) -> None:
         text = data.decode() if isinstance(data, bytes) else data

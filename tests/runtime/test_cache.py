@@ -267,7 +267,7 @@ async def test_a_replica_that_never_acknowledges_delays_the_write_only_up_to_the
         await writer.invalidate("u1")
         elapsed = time.monotonic() - started
     finally:
-        await silent.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+        await silent.aclose()
     assert 0.15 <= elapsed < 2.0
     assert writer._metrics.registry.get_sample_value(
         "cache_invalidation_ack_timeouts_total", {"cache": writer.name}

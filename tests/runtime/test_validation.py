@@ -1067,7 +1067,8 @@ def test_unsupported_rules_fall_back_to_protovalidate_per_type(
     oracle: Validator, caplog: pytest.LogCaptureFixture, fallback_types: dict[str, Descriptor]
 ) -> None:
     types = fallback_types
-    holder_class = message_factory.GetMessageClass(types["Holder"])
+    # A class built from a descriptor at run time has no static fields for the type checker to see.
+    holder_class: Any = message_factory.GetMessageClass(types["Holder"])
     validator = RequestValidator()
     holder: Any = holder_class(name="x")
     holder.coded.code = "abc"
@@ -1103,7 +1104,8 @@ def test_unsupported_rules_fall_back_to_protovalidate_per_type(
 def test_a_pattern_re2_rejects_fails_as_protovalidate_does(
     oracle: Validator, caplog: pytest.LogCaptureFixture, fallback_types: dict[str, Descriptor]
 ) -> None:
-    message = message_factory.GetMessageClass(fallback_types["BrokenPattern"])(value="x")
+    broken_pattern: Any = message_factory.GetMessageClass(fallback_types["BrokenPattern"])
+    message = broken_pattern(value="x")
     with pytest.raises(Exception) as theirs:  # whatever protovalidate raises, the fallback raises too
         oracle.collect_violations(message)
     with caplog.at_level(logging.WARNING, logger="fittracker.validation"), pytest.raises(type(theirs.value)):
