@@ -94,3 +94,9 @@ else
     mv "$BUILD/ratelimit-bin/service_cmd" "$BIN/ratelimit"
     printf '%s\n' "$RATELIMIT_VERSION" >"$BIN/ratelimit.version"
 fi
+
+# The schema validator for mesh/ (tests/mesh/validate), pinned by its go.sum. Built here rather than
+# by the test that uses it: a cold build compiles the Kubernetes API types for minutes on two cores,
+# and inside pytest it would hold up the suite's event loop while other tests' servers wait on it.
+step "mesh validator: building into $BIN/mesh-validate"
+(cd "$ROOT/tests/mesh/validate" && GOFLAGS="$GOFLAGS -mod=readonly" CGO_ENABLED=0 go build -o "$BIN/mesh-validate" .)
