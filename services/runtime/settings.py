@@ -68,6 +68,13 @@ class Settings:
     jwt_audience: str = "fittracker-api"
     access_token_ttl_seconds: int = 900
     refresh_token_ttl_seconds: int = 30 * 24 * 3600
+    #: How often each replica reads new session revocations: the bound on how long an access token
+    #: still works after logout, refresh-token reuse or account deletion.
+    revocation_poll_seconds: float = 1.0
+    #: Seconds between an account's deletion and the start of its erasure, so that calls which
+    #: passed the token check before every replica knew (the revocation bound) and then ran for
+    #: up to the longest deadline are erased too. -1 derives it from those two.
+    erasure_delay_seconds: float = -1.0
     #: Comma-separated emails that get the admin role when they register (operators' bootstrap).
     admin_emails: str = ""
     #: argon2id cost: memory in KiB and passes. Lower them only for tests.
@@ -93,6 +100,13 @@ class Settings:
     def keys_dir(self) -> Path:
         """The JWT key directory, defaulting to ``<data_dir>/keys``."""
         return self.jwt_keys_dir if str(self.jwt_keys_dir) not in ("", ".") else self.data_dir / "keys"
+
+    @property
+    def erasure_delay(self) -> float:
+        """The configured erasure delay, or the longest call plus the revocation bound (and slack)."""
+        if self.erasure_delay_seconds >= 0:
+            return self.erasure_delay_seconds
+        return self.max_deadline_seconds + 2 * self.revocation_poll_seconds + 1.0
 
     @property
     def listen_port(self) -> int:
@@ -134,6 +148,8 @@ class Settings:
             raise SettingsError(f"{PREFIX}GRACE_SECONDS and {PREFIX}DRAIN_NOTICE_SECONDS must not be negative")
         if self.access_token_ttl_seconds < 30 or self.access_token_ttl_seconds > 3600:
             raise SettingsError(f"{PREFIX}ACCESS_TOKEN_TTL_SECONDS must be between 30 and 3600")
+        if not 0.05 <= self.revocation_poll_seconds <= 10:
+            raise SettingsError(f"{PREFIX}REVOCATION_POLL_SECONDS must be between 0.05 and 10")
         if self.refresh_token_ttl_seconds <= self.access_token_ttl_seconds:
             raise SettingsError(f"{PREFIX}REFRESH_TOKEN_TTL_SECONDS must exceed the access token TTL")
         for url, name, schemes in (

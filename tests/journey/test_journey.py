@@ -43,6 +43,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "FITTRACKER_GRACE_SECONDS": "1",
             "FITTRACKER_DRAIN_NOTICE_SECONDS": "0",
             "FITTRACKER_LOG_LEVEL": "WARNING",
+            "FITTRACKER_REVOCATION_POLL_SECONDS": "0.2",
+            "FITTRACKER_ERASURE_DELAY_SECONDS": "2",
         },
         sink=lambda line: None,
     )
