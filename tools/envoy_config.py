@@ -54,6 +54,9 @@ JWT_AUDIENCE = "fittracker-api"
 #: that a client can never forge them on a route where the token is optional.
 JWT_PAYLOAD_HEADER = "x-jwt-payload"
 USER_ID_HEADER = "x-user-id"
+#: The client's address as the edge determined it (the socket peer, or the trusted hop of
+#: X-Forwarded-For behind a load balancer); services count login failures per this address.
+CLIENT_ADDRESS_HEADER = "x-fittracker-client-address"
 DEFAULT_CORS_ORIGINS = ("http://localhost:3000", "http://localhost:5173")
 MIB = 1024 * 1024
 
@@ -401,9 +404,10 @@ def _access_log() -> list[Yaml]:
         "trace_id": "%TRACE_ID%",
         "traceparent": "%REQ(TRACEPARENT)%",
         "method": "%REQ(:METHOD)%",
-        # The path the client sent; the transcoder keeps it here after rewriting :path.
-        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
-        "grpc_method": "%REQ(:PATH)%",
+        # The path the client sent (the transcoder keeps it here after rewriting :path), without
+        # the query: a client may put a credential there, and logs must never hold one.
+        "path": "%REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+        "grpc_method": "%REQ_WITHOUT_QUERY(:PATH)%",
         "content_type": "%REQ(CONTENT-TYPE)%",
         "protocol": "%PROTOCOL%",
         "status": "%RESPONSE_CODE%",
@@ -426,7 +430,10 @@ def _access_log() -> list[Yaml]:
         "filter": why("Load balancers' /healthz probes would drown the real traffic.", {"not_health_check_filter": {}}),
         "typed_config": _typed(
             "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-            log_format={"json_format": fields},
+            log_format={"json_format": fields, "formatters": [{
+                "name": "envoy.formatter.req_without_query",
+                "typed_config": _typed("envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery"),
+            }]},
         ),
     }]
 
@@ -536,6 +543,10 @@ def _jwt_filter(services: Sequence[GrpcService], jwks_path: str) -> dict[str, Ya
                     {"filename": jwks_path},
                 ),
                 "forward": why("Services verify the token again (defence in depth): pass it on.", True),
+                "from_headers": why(
+                    "Only the header: the default also takes ?access_token=, and URLs end up in logs and histories.",
+                    [{"name": "authorization", "value_prefix": "Bearer "}],
+                ),
                 "forward_payload_header": JWT_PAYLOAD_HEADER,
                 "claim_to_headers": [{"header_name": USER_ID_HEADER, "claim_name": "sub"}],
                 "clock_skew_seconds": 30,
@@ -558,11 +569,18 @@ def _http_filters(services: Sequence[GrpcService], clusters: Sequence[str], opti
                 cluster_min_healthy_percentages={c: {"value": 1.0} for c in clusters},
             ),
         }),
-        why("Identity headers come only from the JWT filter below, never from the client.", {
+        why("Identity and address headers come only from the edge itself, never from the client.", {
             "name": "envoy.filters.http.header_mutation",
             "typed_config": _typed(
                 "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-                mutations={"request_mutations": [{"remove": JWT_PAYLOAD_HEADER}, {"remove": USER_ID_HEADER}]},
+                mutations={"request_mutations": [
+                    {"remove": JWT_PAYLOAD_HEADER},
+                    {"remove": USER_ID_HEADER},
+                    why("Not X-Forwarded-For's first entry, which any client can write.", {"append": {
+                        "header": {"key": CLIENT_ADDRESS_HEADER, "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }}),
+                ]},
             ),
         }),
         why("Before the protocol filters, so preflights are answered for JSON and gRPC-Web paths alike.", {

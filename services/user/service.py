@@ -41,6 +41,8 @@ SERVICE = "fittracker.user.v1.UserService"
 PUBLIC_METHODS = frozenset(f"/{SERVICE}/{m}" for m in ("Register", "Login", "RefreshToken", "GetJwks"))
 PREFERENCE_FIELDS = ("unit_system", "goals", "notifications", "time_zone")
 INVALID_LOGIN = "email or password is incorrect"
+#: Set by the edge (tools/envoy_config.py) to the client address it determined.
+CLIENT_ADDRESS_HEADER = "x-fittracker-client-address"
 #: The services holding user data: each answers UserDeleted with DataErased.
 ERASING_SERVICES: tuple[ServiceName, ...] = ("workout", "ai", "notification", "analytics")
 #: The consumer group of the user service (it consumes DataErased).
@@ -489,10 +491,13 @@ def _token_pair(issued: IssuedTokens) -> user_pb2.TokenPair:
 
 
 def _client_address(context: Context) -> str:
-    """The caller's address: the edge's X-Forwarded-For first hop when present, else the peer."""
+    """The caller's address as the edge saw it, else the peer (a direct call inside the mesh).
+
+    Never X-Forwarded-For: its first entries are whatever the client wrote, so trusting them let
+    anyone dodge the per-address lock-out, or lock a victim's address out.
+    """
     for key, value in context.invocation_metadata() or ():
-        if key == "x-forwarded-for":
-            text = value.decode() if isinstance(value, bytes) else value
-            return text.split(",")[0].strip()
+        if key == CLIENT_ADDRESS_HEADER:
+            return value.decode() if isinstance(value, bytes) else value
     peer = context.peer() or "unknown"
     return peer.rsplit(":", 1)[0]
