@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import pytest
@@ -38,7 +39,7 @@ def until_refused(attempt: Callable[[], bool], what: str) -> None:
         time.sleep(0.05)
 
 
-def register(edge: Edge, email: str, request_id: str = "", display_name: str = "Ada") -> tuple[int, dict]:
+def register(edge: Edge, email: str, request_id: str = "", display_name: str = "Ada") -> tuple[int, dict[str, Any]]:
     body = {"email": email, "password": PASSWORD, "display_name": display_name}
     if request_id:
         body["request_id"] = request_id
