@@ -13,6 +13,7 @@ from services.runtime.clients import ChannelPool, ServiceClient
 from services.runtime.counters import Counters, RedisCounters, StoreCounters
 from services.runtime.events import EventBus, open_bus
 from services.runtime.observability import Metrics
+from services.runtime.paging import PageTokens, load_key
 from services.runtime.revocation import RedisRevocationLog, RevocationLog, Revocations, StoreRevocationLog
 from services.runtime.settings import ServiceName, Settings
 from services.runtime.storage import DocumentStore, open_store
@@ -35,6 +36,8 @@ class Resources:
     events: EventBus
     #: Sessions and accounts whose access tokens no longer count (checked on every call).
     revocations: Revocations
+    #: The page-token codec of every list method (one key per deployment).
+    page_tokens: PageTokens
     channels: ChannelPool = field(default_factory=ChannelPool)
     _caches: list[Cache[Any]] = field(default_factory=list)
     _cache_metrics: CacheMetrics | None = None
@@ -97,6 +100,9 @@ class Resources:
             ),
             events=events,
             revocations=revocations,
+            page_tokens=PageTokens(load_key(
+                settings.page_token_key, settings.keys_dir, allow_create=settings.environment != "production"
+            )),
             _extra_stores=extra_stores,
         )
 

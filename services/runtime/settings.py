@@ -75,6 +75,9 @@ class Settings:
     #: passed the token check before every replica knew (the revocation bound) and then ran for
     #: up to the longest deadline are erased too. -1 derives it from those two.
     erasure_delay_seconds: float = -1.0
+    #: HMAC key of page tokens, the same on every replica (a Secret in a cluster); outside
+    #: production an empty value means a key generated once in the keys directory.
+    page_token_key: str = ""
     #: Comma-separated emails that get the admin role when they register (operators' bootstrap).
     admin_emails: str = ""
     #: argon2id cost: memory in KiB and passes. Lower them only for tests.
@@ -158,6 +161,8 @@ class Settings:
         ):
             if url and not url.startswith(schemes):
                 raise SettingsError(f"{PREFIX}{name} must start with {' or '.join(schemes)}")
+        if self.page_token_key and len(self.page_token_key) < 32:
+            raise SettingsError(f"{PREFIX}PAGE_TOKEN_KEY must be at least 32 characters")
         if self.environment == "production" and str(self.jwt_keys_dir) in ("", "."):
             raise SettingsError(f"{PREFIX}JWT_KEYS_DIR must name provisioned keys in production")
 

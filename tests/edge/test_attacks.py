@@ -8,6 +8,8 @@ in (or get logged from) a query string.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import time
 import uuid
 from collections.abc import Callable
@@ -165,3 +167,41 @@ def test_a_token_in_the_query_string_is_refused_and_never_logged(
     for request_id in (json_reply.headers["x-request-id"], web.headers["x-request-id"]):
         assert account.access_token not in str(edge.logs.access_log(request_id))
     assert not [line for line in stack_logs.lines if account.access_token in line], "a credential was logged"
+
+
+#: Every list route of the JSON API, each with page tokens of its own.
+LIST_ROUTES = (
+    "/v1/exercises", "/v1/users/me/routines", "/v1/users/me/sessions", "/v1/users/me/personalRecords",
+    "/v1/users/me/plans", "/v1/users/me/notifications", "/v1/users/me/devices",
+    "/v1/users/me/personalRecordTimeline",
+)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _forged_page_tokens() -> list[str]:
+    """What the attacker sent: bodies like ``[1]``, non-UTF-8 bytes, an empty key, and tokens
+    minted with the key that used to sit in the source."""
+    body = b'{"q":"x","k":[1]}'
+    old_key = hashlib.blake2b(body, key=b"fittracker.workout.page-token.v1", digest_size=12).digest()
+    return [_b64(b"[1]"), _b64(b"\xff\xfe\x00\x80"), _b64(b'{"":1}'), _b64(body) + "." + _b64(old_key),
+            _b64(b'{"c":"x","f":""}'), _b64(b'{"u":"me","t":"9999-99-99","i":1}')]
+
+
+@pytest.mark.parametrize("route", LIST_ROUTES)
+def test_forged_page_tokens_are_400_naming_the_field(edge: Edge, account: Account, route: str) -> None:
+    for forged in _forged_page_tokens():
+        reply = edge.json("GET", f"{route}?page_token={forged}", token=account.access_token)
+        assert reply.status == 400, (route, forged, reply.body)
+        assert "page_token" in reply.body.decode()
+
+
+def test_a_page_token_works_only_for_the_user_it_was_issued_to(edge: Edge, account: Account) -> None:
+    first = edge.json("GET", "/v1/exercises?page_size=1", token=account.access_token).json()
+    token = first["next_page_token"]
+    assert edge.json("GET", f"/v1/exercises?page_size=1&page_token={token}", token=account.access_token).status == 200
+    other = edge.register()
+    reply = edge.json("GET", f"/v1/exercises?page_size=1&page_token={token}", token=other.access_token)
+    assert reply.status == 400 and "page_token" in reply.body.decode()
