@@ -106,6 +106,19 @@ else
     printf '%s\n' "$KUSTOMIZE_VERSION" >"$BIN/kustomize.version"
 fi
 
+# Istio's own analyzer (`istioctl analyze --use-kube=false`) over the rendered overlays in tests/mesh:
+# it applies Istio's semantic validation, which the strict schema check does not. The module proxy
+# serves istio.io/istio only as pseudo-versions (its tags are not Go-module semver), so this pins the
+# snapshot of 2026-08-27 (1.30 in development). Large: several minutes of compiling on a cold cache.
+ISTIOCTL_VERSION="v0.0.0-20260827124520-eed52ebb66ad"
+if [ -x "$BIN/istioctl" ] && [ "$(cat "$BIN/istioctl.version" 2>/dev/null)" = "$ISTIOCTL_VERSION" ]; then
+    step "istioctl $ISTIOCTL_VERSION: present ($BIN/istioctl)"
+else
+    step "istioctl $ISTIOCTL_VERSION: building into $BIN/istioctl (several minutes on a cold cache)"
+    GOBIN="$BIN" go install "istio.io/istio/istioctl/cmd/istioctl@$ISTIOCTL_VERSION"
+    printf '%s\n' "$ISTIOCTL_VERSION" >"$BIN/istioctl.version"
+fi
+
 # The schema validator for mesh/ (tests/mesh/validate), pinned by its go.sum. Built here rather than
 # by the test that uses it: a cold build compiles the Kubernetes API types for minutes on two cores,
 # and inside pytest it would hold up the suite's event loop while other tests' servers wait on it.

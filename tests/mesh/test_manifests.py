@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +39,7 @@ OVERLAYS = ("dev", "prod")
 VALIDATOR_SRC = Path(__file__).resolve().parent / "validate"
 VALIDATOR_BIN = ROOT / ".cache" / "bin" / "mesh-validate"
 KUSTOMIZE_BIN = ROOT / ".cache" / "bin" / "kustomize"
+ISTIOCTL_BIN = ROOT / ".cache" / "bin" / "istioctl"
 NAMESPACE = "fittracker"
 #: Callers outside the namespace that a policy may name: only the ingress gateway, in front of the edge.
 FOREIGN_PRINCIPALS = {"cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"}
@@ -173,6 +175,36 @@ def test_the_validator_rejects_what_a_cluster_would(validator: Path, tmp_path: P
     result = _validate(validator, bad)
     assert result.returncode == 1
     assert complaint in result.stderr
+
+
+def _istio_analyze(manifest: Path) -> subprocess.CompletedProcess[str]:
+    if not ISTIOCTL_BIN.exists():
+        pytest.fail(f"{ISTIOCTL_BIN.relative_to(ROOT)} is missing: run `make deps`")
+    # --all-namespaces: by default the analyzer reports on the "default" namespace only.
+    return subprocess.run(
+        [str(ISTIOCTL_BIN), "analyze", "--use-kube=false", "--all-namespaces", str(manifest)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_istios_own_analyzer_finds_no_issue(tmp_path: Path, overlay: str) -> None:
+    manifest = tmp_path / f"{overlay}.yaml"
+    manifest.write_text(rendered(overlay))
+    result = _istio_analyze(manifest)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "No validation issues found" in result.stdout + result.stderr
+
+
+def test_istios_analyzer_refuses_what_the_schema_check_lets_through(tmp_path: Path, prod: list[Doc]) -> None:
+    # A zero route timeout decodes fine into the types, but Istio's admission would refuse it.
+    planted = copy.deepcopy(prod)
+    _of(planted, "VirtualService")["edge"]["spec"]["http"][0]["timeout"] = "0s"
+    manifest = tmp_path / "planted.yaml"
+    manifest.write_text(yaml.safe_dump_all(planted))
+    result = _istio_analyze(manifest)
+    assert result.returncode != 0
+    assert "IST0106" in result.stdout + result.stderr
 
 
 # ------------------------------------------------------------------------------------------------
@@ -351,6 +383,16 @@ def test_the_cluster_edge_trusts_exactly_the_ingress_gateway_for_client_addresse
     assert hcm["xff_num_trusted_hops"] == 1
     local = yaml.safe_load((ROOT / envoy_config.OUTPUT).read_text())["static_resources"]["listeners"][0]
     assert "xff_num_trusted_hops" not in local["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+@pytest.mark.parametrize("hops", ["-1", "many", "11"])
+def test_the_trusted_hops_option_refuses_a_bad_count_by_name(hops: str) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "envoy_config.py"), "--xff-num-trusted-hops", hops, "--output", "-"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 2
+    assert "--xff-num-trusted-hops" in result.stderr
 
 
 def test_envoy_accepts_the_config_as_the_pod_sees_it(tmp_path: Path, prod: list[Doc]) -> None:
