@@ -277,6 +277,20 @@ def test_the_pod_outlives_its_drain_and_runs_locked_down(docs: list[Doc], servic
     assert pod["topologySpreadConstraints"]
 
 
+#: The one writable path the image expects under its read-only root (a path in the pod, not here).
+SCRATCH_DIR = "/tmp"  # noqa: S108
+
+
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_every_container_has_a_read_only_root_and_a_scratch_tmp(docs: list[Doc], workload: str) -> None:
+    pod = _of(docs, "Deployment")[workload]["spec"]["template"]["spec"]
+    scratch = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+    for container in pod["containers"]:
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        mounted = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert mounted.get(SCRATCH_DIR) in scratch, container["name"]
+
+
 @pytest.mark.parametrize("service", SERVICES)
 def test_services_expose_grpc_by_name_and_app_protocol(docs: list[Doc], service: str) -> None:
     svc = _of(docs, "Service")[service]
