@@ -223,6 +223,10 @@ class EdgeOptions:
     rate_limit_service: str = ""
     #: OTLP gRPC collector ("host:port") for the edge's spans; empty keeps them unexported.
     otlp_endpoint: str = ""
+    #: Proxies in front of the edge that each append the address they saw to X-Forwarded-For (the
+    #: Istio ingress gateway in a cluster): the client address is that many entries from the right.
+    #: 0 locally, where clients connect straight to the edge.
+    xff_num_trusted_hops: int = 0
     extra_clusters: Mapping[str, Sequence[Address]] = field(default_factory=dict)
 
 
@@ -871,6 +875,8 @@ def _listener(services: Sequence[GrpcService], topology: Topology, options: Edge
         generate_request_id=True,
         always_set_request_id_in_response=why("Clients quote it in bug reports; it keys the access log.", True),
         use_remote_address=why("The edge faces clients: trust no incoming X-Forwarded-For.", True),
+        **({"xff_num_trusted_hops": why("Proxies in front append the client to X-Forwarded-For: trust that many.",
+                                        options.xff_num_trusted_hops)} if options.xff_num_trusted_hops else {}),
         normalize_path=why("The JWT rules match on paths, so /a/../b must not sneak past them.", True),
         merge_slashes=True,
         path_with_escaped_slashes_action=why("No resource name holds an encoded slash.", "REJECT_REQUEST"),
@@ -1088,6 +1094,12 @@ def _parse_limit(text: str) -> Limit | None:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _parse_hops(text: str) -> int:
+    if not text.isdigit() or int(text) > 10:
+        raise argparse.ArgumentTypeError(f"expected a number of proxies from 0 to 10, got {text!r}")
+    return int(text)
+
+
 def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     """The command line; defaults come from ``env`` (FITTRACKER_* variables)."""
 
@@ -1123,6 +1135,9 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--rate-limit-service-config", type=Path, metavar="FILE",
                         help="also write that service's config for the quotas here")
     parser.add_argument("--otlp-endpoint", default=env.get("FITTRACKER_OTLP_ENDPOINT", ""))
+    parser.add_argument("--xff-num-trusted-hops", type=_parse_hops,
+                        default=number("FITTRACKER_EDGE_XFF_NUM_TRUSTED_HOPS", 0), metavar="N",
+                        help="proxies in front of the edge (1 behind the Istio ingress gateway; default 0)")
     return parser
 
 
@@ -1148,6 +1163,7 @@ def options_from(args: argparse.Namespace) -> tuple[Topology, EdgeOptions, list[
         user_limit=args.user_limit,
         rate_limit_service=args.rate_limit_service,
         otlp_endpoint=args.otlp_endpoint,
+        xff_num_trusted_hops=args.xff_num_trusted_hops,
     )
     return topology, options, services
 
