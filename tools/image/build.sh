@@ -7,8 +7,8 @@
 #   layer 3  the services and the generated stubs
 #
 # Output under .cache/image/: oci/ (an OCI image layout, tag $IMAGE_TAG), backend.oci.tar (the same as
-# an oci-archive for `podman load` / `skopeo copy`), rootfs/ (the flattened root filesystem, for running
-# without an engine), packages.txt (every Debian package and Python distribution inside, with versions).
+# an oci-archive for `podman load` / `skopeo copy`), rootfs/ (the flattened root filesystem, to look
+# into), packages.txt (every Debian package and Python distribution inside, with versions).
 # The build stage (uv, its cache, the export of the lock) stays outside the image; no compiler is
 # installed, since every dependency comes as a wheel.
 set -euo pipefail
@@ -157,7 +157,7 @@ umoci config --image "$OUT/oci:$IMAGE_TAG" --created "$created" --no-history "${
     --clear config.entrypoint --config.cmd python --config.cmd -m --config.cmd services.user
 umoci gc --layout "$OUT/oci"
 
-# The flattened tree, for running it without an engine (tests/image uses it under unshare).
+# The flattened tree, to look into without unpacking the layers.
 mv "$work/layers/site" "$rootfs$SITE_DIR"
 mv "$work/layers/app" "$rootfs$APP_DIR"
 mv "$rootfs" "$OUT/rootfs"
