@@ -10,7 +10,7 @@ BUF    := $(VENV)/bin/buf
 export PYTHONPATH := $(CURDIR):$(CURDIR)/clients/python/generated
 export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/.cache/bin:/usr/local/go/bin:$(PATH)
 
-.PHONY: help venv lock lock-check deps gen check-gen lint buf-lint buf-breaking typecheck test test-fast up loadtest bench clean
+.PHONY: help venv lock lock-check deps gen check-gen lint buf-lint buf-breaking typecheck test test-fast up loadtest bench image image-test render-dev render-prod clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -102,6 +102,14 @@ render-%: deps
 
 render-dev: ## Render the dev overlay into .cache/render/dev.yaml (IMAGE_TAG=... for another image tag)
 render-prod: ## Render the prod overlay into .cache/render/prod.yaml (IMAGE_TAG=... for another image tag)
+
+image: venv ## Build the services' OCI image into .cache/image (root; Debian packages, no container engine)
+	@bash tools/image/build.sh
+
+image-test: image ## Build the image, then run the user service from it with podman (read-only, uid 10001) and call it
+	@bash tools/image/install_tools.sh podman runc
+	@echo "==> pytest tests/image"
+	@FITTRACKER_IMAGE_ARCHIVE=$(CURDIR)/.cache/image/backend.oci.tar $(PY) -m pytest -q tests/image
 
 clean: ## Remove the environment, caches and local data
 	rm -rf $(VENV) .cache .data .pytest_cache .mypy_cache .ruff_cache
