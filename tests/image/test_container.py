@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import uuid
@@ -89,6 +90,7 @@ def run_flags(keys: Path, data: Path) -> list[str]:
         # Explicit limits: podman's defaults are above what a process without CAP_SYS_RESOURCE may set.
         "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096",
         "--env", "FITTRACKER_ENVIRONMENT=production",
+        "--env", f"FITTRACKER_PAGE_TOKEN_KEY={secrets.token_hex(32)}",
         "--env", f"FITTRACKER_JWT_KEYS_DIR={KEYS_DIR}",
         "--env", "FITTRACKER_GRACE_SECONDS=10",
     ]
