@@ -112,3 +112,16 @@ def streak_milestone(event: events_pb2.StreakMilestoneReached) -> Content:
         data={"session": event.session, "streak_days": str(days)} if event.session else {"streak_days": str(days)},
         channels=channels,
     )
+
+
+def registration_attempted() -> Content:
+    """Tell an account's owner that someone signed up with their address: by email, where they read it."""
+    return Content(
+        title="Someone tried to sign up with your email",
+        body=(
+            "An account was requested with your email address. If it was you, sign in with your "
+            "password instead. If it was not, nothing changed: your account and its data are as they were."
+        ),
+        category=notification_pb2.CATEGORY_SYSTEM,
+        channels=(notification_pb2.CHANNEL_EMAIL,),
+    )

@@ -1,6 +1,7 @@
 """Domain events this service consumes: facts become notifications, UserDeleted erases data.
 
-Workout and analytics facts (records, completed sessions, streaks) become notifications;
+Workout and analytics facts (records, completed sessions, streaks) become notifications, and so
+does a sign-up attempt with an existing account's email (its owner is told by email);
 UserDeleted erases the user's notifications and devices. The bus delivers at least once.
 Notifications are created with the event id as request id, so a redelivered event finds the
 notification it already made; erasure is naturally idempotent, and its DataErased answer has a
@@ -59,7 +60,8 @@ class EventHandler:
             return
         if kind == "user_deleted":
             await self._erase(user_id, envelope.user_deleted)
-        elif kind in ("personal_record_achieved", "session_completed", "streak_milestone_reached"):
+        elif kind in ("personal_record_achieved", "session_completed", "streak_milestone_reached",
+                      "registration_attempted"):
             await self._notify(user_id, envelope)
 
     async def _notify(self, user_id: str, envelope: events_pb2.EventEnvelope) -> None:
@@ -77,6 +79,8 @@ class EventHandler:
             made = content.personal_record(record, name, units)
         elif kind == "session_completed":
             made = content.session_completed(envelope.session_completed, units)
+        elif kind == "registration_attempted":
+            made = content.registration_attempted()
         else:
             made = content.streak_milestone(envelope.streak_milestone_reached)
         await self._notifier.notify(

@@ -21,8 +21,11 @@ USERS = CollectionSpec(
     indexes=(
         IndexSpec("email_unique", (("email", 1),), unique=True),
         IndexSpec("request_id", (("request_id", 1),)),
+        IndexSpec("claimed_email", (("claimed_email", 1),)),
     ),
 )
+#: Accounts opened with an address another account holds; login tries the newest few of them.
+MAX_CLAIMS_TRIED = 3
 
 TOMBSTONES = CollectionSpec(
     name="user_tombstones",
@@ -38,6 +41,21 @@ REGISTRATIONS = CollectionSpec(
 
 #: The profile fields a user may change, and the ones the etag covers.
 PROFILE_FIELDS = ("display_name", "birth_date", "height_cm", "weight_kg", "fitness_level")
+
+
+def unconfirmed(doc: Document) -> Document:
+    """``doc`` as an account whose address another account already holds.
+
+    It works like any account (its owner has its tokens and its password), but it does not hold
+    the address: the unique ``email`` gets a placeholder and the address goes to ``claimed_email``,
+    and it never gets the admin role an address would bring.
+    """
+    return {**doc, "email": f"unconfirmed:{doc['_id']}", "claimed_email": doc["email"], "role": "member"}
+
+
+def address_of(doc: Document) -> str:
+    """The email address an account shows: its own, or the one it was opened with."""
+    return str(doc.get("claimed_email") or doc["email"])
 
 
 def profile_etag(doc: Document) -> str:
@@ -92,6 +110,12 @@ class UserRepository:
     async def by_email(self, email: str) -> Document | None:
         """The user with this (lower-cased) email."""
         return await self._users.find_one({"email": email})
+
+    async def claims_of(self, email: str) -> list[Document]:
+        """The newest accounts opened with ``email`` while another account held it."""
+        return await self._users.find(
+            {"claimed_email": email}, sort=[("create_time", -1)], limit=MAX_CLAIMS_TRIED
+        )
 
     async def update(self, user_id: str, changes: dict[str, Any], expected_etag: str = "") -> Document | None:
         """Set ``changes`` (and update_time); None when the user is gone or the etag is stale."""

@@ -22,6 +22,7 @@ from services.runtime import auth
 from services.runtime.counters import Counters
 from services.runtime.errors import (
     Aborted,
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -34,7 +35,15 @@ from services.runtime.settings import ServiceName, Settings
 from services.runtime.storage import CollectionSpec, Document, DocumentStore, IndexSpec
 from services.runtime.timeutil import now, to_timestamp
 from services.user.passwords import Passwords
-from services.user.repository import PROFILE_FIELDS, IdRetired, Registrations, UserRepository, profile_etag
+from services.user.repository import (
+    PROFILE_FIELDS,
+    IdRetired,
+    Registrations,
+    UserRepository,
+    address_of,
+    profile_etag,
+    unconfirmed,
+)
 from services.user.tokens import IssuedTokens, TokenService
 
 SERVICE = "fittracker.user.v1.UserService"
@@ -126,7 +135,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
             "update_time": created_at,
         }
         try:
-            stored, created = await self._users.create(doc)
+            stored, created = await self._open_account(doc)
         except IdRetired:
             # A replay of a request whose account was deleted since: it must not come back.
             raise FailedPrecondition(
@@ -141,6 +150,23 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         issued = await self._tokens.open_session(stored["_id"], stored["role"])
         return user_service_pb2.RegisterResponse(user=self._to_user(stored), tokens=_token_pair(issued))
 
+    async def _open_account(self, doc: Document) -> tuple[Document, bool]:
+        """Create the account; if its address has one already, answer the same way regardless.
+
+        Telling the caller "this email has an account" would let anyone test addresses. Instead
+        the caller gets an account of their own that does not hold the address (``unconfirmed``),
+        and the address's owner is told by email (RegistrationAttempted). Both paths write one
+        account and one event to the outbox, so neither answer nor timing sets them apart much.
+        """
+        try:
+            return await self._users.create(doc)
+        except AlreadyExists:
+            owner = await self._users.by_email(doc["email"])
+            stored, created = await self._users.create(unconfirmed(doc))
+            if created and owner is not None:
+                await self._outbox.add(registration_attempted_event(owner, stored))
+            return stored, created
+
     async def Login(  # noqa: N802
         self, request: user_service_pb2.LoginRequest, context: Context
     ) -> user_service_pb2.LoginResponse:
@@ -154,15 +180,23 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
             raise ResourceExhausted("too many failed logins; try again later", retry_after_seconds=window)
         stored = await self._users.by_email(email)
         if not await self._passwords.verify(stored["password_hash"] if stored else None, request.password):
+            stored = await self._unconfirmed_account(email, request.password)
+        if stored is None:
             for key in keys:
                 await self._counters.incr(key, window)
             raise Unauthenticated(INVALID_LOGIN)
-        assert stored is not None  # verify() is False without a stored hash
         await self._counters.reset(keys[0])
         if self._passwords.needs_rehash(stored["password_hash"]):
             await self._users.update(stored["_id"], {"password_hash": await self._passwords.hash(request.password)})
         issued = await self._tokens.open_session(stored["_id"], stored["role"])
         return user_service_pb2.LoginResponse(user=self._to_user(stored), tokens=_token_pair(issued))
+
+    async def _unconfirmed_account(self, email: str, password: str) -> Document | None:
+        """The account opened with ``email`` while another held it, whose password this is."""
+        for claim in await self._users.claims_of(email):
+            if await self._passwords.verify(claim["password_hash"], password):
+                return claim
+        return None
 
     async def RefreshToken(  # noqa: N802
         self, request: user_service_pb2.RefreshTokenRequest, context: Context
@@ -268,7 +302,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
     def _to_user(self, doc: Document) -> user_pb2.User:
         return user_pb2.User(
             name=f"users/{doc['_id']}",
-            email=doc["email"],
+            email=address_of(doc),
             display_name=doc["display_name"],
             birth_date=doc.get("birth_date", ""),
             height_cm=doc.get("height_cm", 0.0),
@@ -302,6 +336,16 @@ def registered_event(user: Document) -> events_pb2.EventEnvelope:
         events_pb2.UserRegistered(display_name=user["display_name"]),
         event_id=fact_id("user.registered", user["_id"], str(int(created.timestamp() * 1000))),
         occur_time=created,
+    )
+
+
+def registration_attempted_event(owner: Document, opened: Document) -> events_pb2.EventEnvelope:
+    """RegistrationAttempted to the address's owner, once per account opened with their address."""
+    return make_envelope(
+        "user",
+        owner["_id"],
+        events_pb2.RegistrationAttempted(),
+        event_id=fact_id("user.registration_attempted", owner["_id"], opened["_id"]),
     )
 
 

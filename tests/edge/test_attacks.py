@@ -205,3 +205,25 @@ def test_a_page_token_works_only_for_the_user_it_was_issued_to(edge: Edge, accou
     other = edge.register()
     reply = edge.json("GET", f"/v1/exercises?page_size=1&page_token={token}", token=other.access_token)
     assert reply.status == 400 and "page_token" in reply.body.decode()
+
+
+def test_register_does_not_reveal_whether_an_email_has_an_account(edge: Edge, account: Account) -> None:
+    """Same status and shape for a taken and a free address; the taken address's owner is told."""
+    fresh_status, fresh = register(edge, f"free-{uuid.uuid4().hex[:8]}@example.com")
+    taken_status, taken = register(edge, account.email.upper())
+    assert fresh_status == taken_status == 200, taken
+    assert sorted(fresh) == sorted(taken) and sorted(fresh["user"]) == sorted(taken["user"])
+    assert taken["user"]["email"] == account.email and taken["user"]["name"] != account.name
+    # The owner's account is untouched and still theirs; the prober holds only their own account.
+    assert edge.json("GET", "/v1/users/me", token=account.access_token).json()["name"] == account.name
+    prober = taken["tokens"]["access_token"]
+    assert edge.json("GET", f"/v1/{account.name}", token=prober).status == 404
+
+    deadline = time.monotonic() + 20
+    while True:
+        inbox = edge.json("GET", "/v1/users/me/notifications", token=account.access_token).json()
+        titles = [n["title"] for n in inbox.get("notifications", [])]
+        if any("sign up with your email" in t for t in titles):
+            break
+        assert time.monotonic() < deadline, f"the owner was never told: {titles}"
+        time.sleep(0.2)

@@ -44,11 +44,23 @@ async def test_register_then_read_own_profile(user_api: UserApi) -> None:
     assert me.etag == registered.user.etag
 
 
-async def test_register_rejects_a_taken_email(user_api: UserApi) -> None:
-    first = await user_api.register()
+async def test_register_with_a_taken_email_reveals_nothing_and_takes_nothing(user_api: UserApi) -> None:
+    """The caller gets an account of their own; the owner's account, password and sign-in are untouched."""
+    owner = await user_api.register(password="owner's passphrase")
+    other = await user_api.register(email=owner.user.email.upper(), password="someone else's words")
+    assert other.user.name != owner.user.name
+    assert other.user.email == owner.user.email, "the answer looks exactly like a new account's"
+    assert other.tokens.access_token
+
+    as_owner = await user_api.stub.Login(
+        user_service_pb2.LoginRequest(email=owner.user.email, password="owner's passphrase"))
+    assert as_owner.user.name == owner.user.name
+    as_other = await user_api.stub.Login(
+        user_service_pb2.LoginRequest(email=owner.user.email, password="someone else's words"))
+    assert as_other.user.name == other.user.name
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await user_api.register(email=first.user.email.upper())
-    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        await user_api.stub.Login(user_service_pb2.LoginRequest(email=owner.user.email, password="neither one"))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_register_is_idempotent_under_a_request_id(user_api: UserApi) -> None:

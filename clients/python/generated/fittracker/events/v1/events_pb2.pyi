@@ -57,6 +57,7 @@ class EventEnvelope(_message.Message):
     PERSONAL_RECORD_ACHIEVED_FIELD_NUMBER: _builtins.int
     STREAK_MILESTONE_REACHED_FIELD_NUMBER: _builtins.int
     DATA_ERASED_FIELD_NUMBER: _builtins.int
+    REGISTRATION_ATTEMPTED_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """A UUID chosen by the producer, the same on every redelivery; consumers deduplicate on it."""
     event_type: _builtins.str
@@ -109,6 +110,10 @@ class EventEnvelope(_message.Message):
     def data_erased(self) -> Global___DataErased:
         """A service finished erasing a deleted user's data."""
 
+    @_builtins.property
+    def registration_attempted(self) -> Global___RegistrationAttempted:
+        """Someone signed up with the email address of an existing account."""
+
     def __init__(
         self,
         *,
@@ -127,12 +132,13 @@ class EventEnvelope(_message.Message):
         personal_record_achieved: Global___PersonalRecordAchieved | None = ...,
         streak_milestone_reached: Global___StreakMilestoneReached | None = ...,
         data_erased: Global___DataErased | None = ...,
+        registration_attempted: Global___RegistrationAttempted | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data_erased", b"data_erased", "occur_time", b"occur_time", "payload", b"payload", "personal_record_achieved", b"personal_record_achieved", "publish_time", b"publish_time", "session_completed", b"session_completed", "streak_milestone_reached", b"streak_milestone_reached", "user_deleted", b"user_deleted", "user_registered", b"user_registered"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data_erased", b"data_erased", "occur_time", b"occur_time", "payload", b"payload", "personal_record_achieved", b"personal_record_achieved", "publish_time", b"publish_time", "registration_attempted", b"registration_attempted", "session_completed", b"session_completed", "streak_milestone_reached", b"streak_milestone_reached", "user_deleted", b"user_deleted", "user_registered", b"user_registered"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_erased", b"data_erased", "event_id", b"event_id", "event_type", b"event_type", "occur_time", b"occur_time", "payload", b"payload", "personal_record_achieved", b"personal_record_achieved", "producer", b"producer", "publish_time", b"publish_time", "schema_version", b"schema_version", "session_completed", b"session_completed", "streak_milestone_reached", b"streak_milestone_reached", "traceparent", b"traceparent", "tracestate", b"tracestate", "user", b"user", "user_deleted", b"user_deleted", "user_registered", b"user_registered"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_erased", b"data_erased", "event_id", b"event_id", "event_type", b"event_type", "occur_time", b"occur_time", "payload", b"payload", "personal_record_achieved", b"personal_record_achieved", "producer", b"producer", "publish_time", b"publish_time", "registration_attempted", b"registration_attempted", "schema_version", b"schema_version", "session_completed", b"session_completed", "streak_milestone_reached", b"streak_milestone_reached", "traceparent", b"traceparent", "tracestate", b"tracestate", "user", b"user", "user_deleted", b"user_deleted", "user_registered", b"user_registered"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["user_registered", "user_deleted", "session_completed", "personal_record_achieved", "streak_milestone_reached", "data_erased"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["user_registered", "user_deleted", "session_completed", "personal_record_achieved", "streak_milestone_reached", "data_erased", "registration_attempted"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -159,6 +165,26 @@ class UserRegistered(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UserRegistered: _TypeAlias = UserRegistered  # noqa: Y015
+
+@_typing.final
+class RegistrationAttempted(_message.Message):
+    """Someone signed up with the email address of an existing account. Published by the user service;
+    the envelope's user is the existing account, whose owner is told by email. Register answers the
+    caller exactly as it answers for a new address, so it never reveals which addresses have accounts.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegistrationAttempted: _TypeAlias = RegistrationAttempted  # noqa: Y015
 
 @_typing.final
 class UserDeleted(_message.Message):

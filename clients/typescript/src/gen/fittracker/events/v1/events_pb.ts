@@ -33,7 +33,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file fittracker/events/v1/events.proto.
  */
 export const file_fittracker_events_v1_events: GenFile = /*@__PURE__*/
-  fileDesc("CiFmaXR0cmFja2VyL2V2ZW50cy92MS9ldmVudHMucHJvdG8SFGZpdHRyYWNrZXIuZXZlbnRzLnYxIqoGCg1FdmVudEVudmVsb3BlEhoKCGV2ZW50X2lkGAEgASgJQgi6SAVyA7ABARIeCgpldmVudF90eXBlGAIgASgJQgq6SAdyBRABGIABEjYKCm9jY3VyX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQga6SAPIAQESGwoIcHJvZHVjZXIYBCABKAlCCbpIBnIEEAEYQBJICgR1c2VyGAUgASgJQjr6QRUKE2ZpdHRyYWNrZXIuYXBwL1VzZXK6SB9yHTIbXnVzZXJzL1tBLVphLXowLTlfLV17MSw2NH0kEh0KC3RyYWNlcGFyZW50GAYgASgJQgi6SAVyAxiAARIcCgp0cmFjZXN0YXRlGAcgASgJQgi6SAVyAxiABBIfCg5zY2hlbWFfdmVyc2lvbhgIIAEoBUIHukgEGgIoARIwCgxwdWJsaXNoX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEj8KD3VzZXJfcmVnaXN0ZXJlZBgUIAEoCzIkLmZpdHRyYWNrZXIuZXZlbnRzLnYxLlVzZXJSZWdpc3RlcmVkSAASOQoMdXNlcl9kZWxldGVkGBUgASgLMiEuZml0dHJhY2tlci5ldmVudHMudjEuVXNlckRlbGV0ZWRIABJDChFzZXNzaW9uX2NvbXBsZXRlZBgWIAEoCzImLmZpdHRyYWNrZXIuZXZlbnRzLnYxLlNlc3Npb25Db21wbGV0ZWRIABJQChhwZXJzb25hbF9yZWNvcmRfYWNoaWV2ZWQYFyABKAsyLC5maXR0cmFja2VyLmV2ZW50cy52MS5QZXJzb25hbFJlY29yZEFjaGlldmVkSAASUAoYc3RyZWFrX21pbGVzdG9uZV9yZWFjaGVkGBggASgLMiwuZml0dHJhY2tlci5ldmVudHMudjEuU3RyZWFrTWlsZXN0b25lUmVhY2hlZEgAEjcKC2RhdGFfZXJhc2VkGBkgASgLMiAuZml0dHJhY2tlci5ldmVudHMudjEuRGF0YUVyYXNlZEgAQhAKB3BheWxvYWQSBbpIAggBIiYKDlVzZXJSZWdpc3RlcmVkEhQKDGRpc3BsYXlfbmFtZRgBIAEoCSJQCgtVc2VyRGVsZXRlZBImChNkZWxldGlvbl9yZXF1ZXN0X2lkGAEgASgJQgm6SAZyBBABGEASGQoRZXhwZWN0ZWRfc2VydmljZXMYAiADKAki5QIKEFNlc3Npb25Db21wbGV0ZWQSLAoHc2Vzc2lvbhgBIAEoCUIb+kEYChZmaXR0cmFja2VyLmFwcC9TZXNzaW9uEiwKB3JvdXRpbmUYAiABKAlCG/pBGAoWZml0dHJhY2tlci5hcHAvUm91dGluZRIuCgpzdGFydF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJdGltZV96b25lGAUgASgJEjgKCWV4ZXJjaXNlcxgGIAMoCzIlLmZpdHRyYWNrZXIuZXZlbnRzLnYxLkV4ZXJjaXNlU3VtbWFyeRIXCg90b3RhbF92b2x1bWVfa2cYByABKAESEgoKdG90YWxfc2V0cxgIIAEoBRIdChVwZXJzb25hbF9yZWNvcmRfY291bnQYCSABKAUilgMKD0V4ZXJjaXNlU3VtbWFyeRIuCghleGVyY2lzZRgBIAEoCUIc+kEZChdmaXR0cmFja2VyLmFwcC9FeGVyY2lzZRJAChVwcmltYXJ5X211c2NsZV9ncm91cHMYAiADKA4yIS5maXR0cmFja2VyLmNvbW1vbi52MS5NdXNjbGVHcm91cBJCChdzZWNvbmRhcnlfbXVzY2xlX2dyb3VwcxgDIAMoDjIhLmZpdHRyYWNrZXIuY29tbW9uLnYxLk11c2NsZUdyb3VwEhEKCXNldF9jb3VudBgEIAEoBRISCgp0b3RhbF9yZXBzGAUgASgFEhcKD3RvdGFsX3ZvbHVtZV9rZxgGIAEoARIaChJiZXN0X3NldF93ZWlnaHRfa2cYByABKAESFQoNYmVzdF9zZXRfcmVwcxgIIAEoBRIgChhlc3RpbWF0ZWRfb25lX3JlcF9tYXhfa2cYCSABKAESHgoWdG90YWxfZHVyYXRpb25fc2Vjb25kcxgKIAEoBRIYChB0b3RhbF9kaXN0YW5jZV9tGAsgASgBIssCChZQZXJzb25hbFJlY29yZEFjaGlldmVkEjsKD3BlcnNvbmFsX3JlY29yZBgBIAEoCUIi+kEfCh1maXR0cmFja2VyLmFwcC9QZXJzb25hbFJlY29yZBIuCghleGVyY2lzZRgCIAEoCUIc+kEZChdmaXR0cmFja2VyLmFwcC9FeGVyY2lzZRI2CgRraW5kGAMgASgOMiguZml0dHJhY2tlci5jb21tb24udjEuUGVyc29uYWxSZWNvcmRLaW5kEg0KBXZhbHVlGAQgASgBEhsKDnByZXZpb3VzX3ZhbHVlGAUgASgBSACIAQESEQoJd2VpZ2h0X2tnGAYgASgBEgwKBHJlcHMYByABKAUSLAoHc2Vzc2lvbhgIIAEoCUIb+kEYChZmaXR0cmFja2VyLmFwcC9TZXNzaW9uQhEKD19wcmV2aW91c192YWx1ZSJbChZTdHJlYWtNaWxlc3RvbmVSZWFjaGVkEhMKC3N0cmVha19kYXlzGAEgASgFEiwKB3Nlc3Npb24YAiABKAlCG/pBGAoWZml0dHJhY2tlci5hcHAvU2Vzc2lvbiKAAQoKRGF0YUVyYXNlZBIaCgdzZXJ2aWNlGAEgASgJQgm6SAZyBBABGEASJgoTZGVsZXRpb25fcmVxdWVzdF9pZBgCIAEoCUIJukgGcgQQARhAEi4KCmVyYXNlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wYgZwcm90bzM", [file_buf_validate_validate, file_fittracker_common_v1_fitness, file_google_api_resource, file_google_protobuf_timestamp]);
+  fileDesc("CiFmaXR0cmFja2VyL2V2ZW50cy92MS9ldmVudHMucHJvdG8SFGZpdHRyYWNrZXIuZXZlbnRzLnYxIvkGCg1FdmVudEVudmVsb3BlEhoKCGV2ZW50X2lkGAEgASgJQgi6SAVyA7ABARIeCgpldmVudF90eXBlGAIgASgJQgq6SAdyBRABGIABEjYKCm9jY3VyX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQga6SAPIAQESGwoIcHJvZHVjZXIYBCABKAlCCbpIBnIEEAEYQBJICgR1c2VyGAUgASgJQjr6QRUKE2ZpdHRyYWNrZXIuYXBwL1VzZXK6SB9yHTIbXnVzZXJzL1tBLVphLXowLTlfLV17MSw2NH0kEh0KC3RyYWNlcGFyZW50GAYgASgJQgi6SAVyAxiAARIcCgp0cmFjZXN0YXRlGAcgASgJQgi6SAVyAxiABBIfCg5zY2hlbWFfdmVyc2lvbhgIIAEoBUIHukgEGgIoARIwCgxwdWJsaXNoX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEj8KD3VzZXJfcmVnaXN0ZXJlZBgUIAEoCzIkLmZpdHRyYWNrZXIuZXZlbnRzLnYxLlVzZXJSZWdpc3RlcmVkSAASOQoMdXNlcl9kZWxldGVkGBUgASgLMiEuZml0dHJhY2tlci5ldmVudHMudjEuVXNlckRlbGV0ZWRIABJDChFzZXNzaW9uX2NvbXBsZXRlZBgWIAEoCzImLmZpdHRyYWNrZXIuZXZlbnRzLnYxLlNlc3Npb25Db21wbGV0ZWRIABJQChhwZXJzb25hbF9yZWNvcmRfYWNoaWV2ZWQYFyABKAsyLC5maXR0cmFja2VyLmV2ZW50cy52MS5QZXJzb25hbFJlY29yZEFjaGlldmVkSAASUAoYc3RyZWFrX21pbGVzdG9uZV9yZWFjaGVkGBggASgLMiwuZml0dHJhY2tlci5ldmVudHMudjEuU3RyZWFrTWlsZXN0b25lUmVhY2hlZEgAEjcKC2RhdGFfZXJhc2VkGBkgASgLMiAuZml0dHJhY2tlci5ldmVudHMudjEuRGF0YUVyYXNlZEgAEk0KFnJlZ2lzdHJhdGlvbl9hdHRlbXB0ZWQYGiABKAsyKy5maXR0cmFja2VyLmV2ZW50cy52MS5SZWdpc3RyYXRpb25BdHRlbXB0ZWRIAEIQCgdwYXlsb2FkEgW6SAIIASImCg5Vc2VyUmVnaXN0ZXJlZBIUCgxkaXNwbGF5X25hbWUYASABKAkiFwoVUmVnaXN0cmF0aW9uQXR0ZW1wdGVkIlAKC1VzZXJEZWxldGVkEiYKE2RlbGV0aW9uX3JlcXVlc3RfaWQYASABKAlCCbpIBnIEEAEYQBIZChFleHBlY3RlZF9zZXJ2aWNlcxgCIAMoCSLlAgoQU2Vzc2lvbkNvbXBsZXRlZBIsCgdzZXNzaW9uGAEgASgJQhv6QRgKFmZpdHRyYWNrZXIuYXBwL1Nlc3Npb24SLAoHcm91dGluZRgCIAEoCUIb+kEYChZmaXR0cmFja2VyLmFwcC9Sb3V0aW5lEi4KCnN0YXJ0X3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCgl0aW1lX3pvbmUYBSABKAkSOAoJZXhlcmNpc2VzGAYgAygLMiUuZml0dHJhY2tlci5ldmVudHMudjEuRXhlcmNpc2VTdW1tYXJ5EhcKD3RvdGFsX3ZvbHVtZV9rZxgHIAEoARISCgp0b3RhbF9zZXRzGAggASgFEh0KFXBlcnNvbmFsX3JlY29yZF9jb3VudBgJIAEoBSKWAwoPRXhlcmNpc2VTdW1tYXJ5Ei4KCGV4ZXJjaXNlGAEgASgJQhz6QRkKF2ZpdHRyYWNrZXIuYXBwL0V4ZXJjaXNlEkAKFXByaW1hcnlfbXVzY2xlX2dyb3VwcxgCIAMoDjIhLmZpdHRyYWNrZXIuY29tbW9uLnYxLk11c2NsZUdyb3VwEkIKF3NlY29uZGFyeV9tdXNjbGVfZ3JvdXBzGAMgAygOMiEuZml0dHJhY2tlci5jb21tb24udjEuTXVzY2xlR3JvdXASEQoJc2V0X2NvdW50GAQgASgFEhIKCnRvdGFsX3JlcHMYBSABKAUSFwoPdG90YWxfdm9sdW1lX2tnGAYgASgBEhoKEmJlc3Rfc2V0X3dlaWdodF9rZxgHIAEoARIVCg1iZXN0X3NldF9yZXBzGAggASgFEiAKGGVzdGltYXRlZF9vbmVfcmVwX21heF9rZxgJIAEoARIeChZ0b3RhbF9kdXJhdGlvbl9zZWNvbmRzGAogASgFEhgKEHRvdGFsX2Rpc3RhbmNlX20YCyABKAEiywIKFlBlcnNvbmFsUmVjb3JkQWNoaWV2ZWQSOwoPcGVyc29uYWxfcmVjb3JkGAEgASgJQiL6QR8KHWZpdHRyYWNrZXIuYXBwL1BlcnNvbmFsUmVjb3JkEi4KCGV4ZXJjaXNlGAIgASgJQhz6QRkKF2ZpdHRyYWNrZXIuYXBwL0V4ZXJjaXNlEjYKBGtpbmQYAyABKA4yKC5maXR0cmFja2VyLmNvbW1vbi52MS5QZXJzb25hbFJlY29yZEtpbmQSDQoFdmFsdWUYBCABKAESGwoOcHJldmlvdXNfdmFsdWUYBSABKAFIAIgBARIRCgl3ZWlnaHRfa2cYBiABKAESDAoEcmVwcxgHIAEoBRIsCgdzZXNzaW9uGAggASgJQhv6QRgKFmZpdHRyYWNrZXIuYXBwL1Nlc3Npb25CEQoPX3ByZXZpb3VzX3ZhbHVlIlsKFlN0cmVha01pbGVzdG9uZVJlYWNoZWQSEwoLc3RyZWFrX2RheXMYASABKAUSLAoHc2Vzc2lvbhgCIAEoCUIb+kEYChZmaXR0cmFja2VyLmFwcC9TZXNzaW9uIoABCgpEYXRhRXJhc2VkEhoKB3NlcnZpY2UYASABKAlCCbpIBnIEEAEYQBImChNkZWxldGlvbl9yZXF1ZXN0X2lkGAIgASgJQgm6SAZyBBABGEASLgoKZXJhc2VfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBiBnByb3RvMw", [file_buf_validate_validate, file_fittracker_common_v1_fitness, file_google_api_resource, file_google_protobuf_timestamp]);
 
 /**
  * The wrapper every event travels in.
@@ -160,6 +160,14 @@ export type EventEnvelope = Message<"fittracker.events.v1.EventEnvelope"> & {
      */
     value: DataErased;
     case: "dataErased";
+  } | {
+    /**
+     * Someone signed up with the email address of an existing account.
+     *
+     * @generated from field: fittracker.events.v1.RegistrationAttempted registration_attempted = 26;
+     */
+    value: RegistrationAttempted;
+    case: "registrationAttempted";
   } | { case: undefined; value?: undefined };
 };
 
@@ -192,6 +200,23 @@ export const UserRegisteredSchema: GenMessage<UserRegistered> = /*@__PURE__*/
   messageDesc(file_fittracker_events_v1_events, 1);
 
 /**
+ * Someone signed up with the email address of an existing account. Published by the user service;
+ * the envelope's user is the existing account, whose owner is told by email. Register answers the
+ * caller exactly as it answers for a new address, so it never reveals which addresses have accounts.
+ *
+ * @generated from message fittracker.events.v1.RegistrationAttempted
+ */
+export type RegistrationAttempted = Message<"fittracker.events.v1.RegistrationAttempted"> & {
+};
+
+/**
+ * Describes the message fittracker.events.v1.RegistrationAttempted.
+ * Use `create(RegistrationAttemptedSchema)` to create a new message.
+ */
+export const RegistrationAttemptedSchema: GenMessage<RegistrationAttempted> = /*@__PURE__*/
+  messageDesc(file_fittracker_events_v1_events, 2);
+
+/**
  * An account was deleted. Published by the user service as the first step of the deletion saga.
  *
  * Each service holding data about the user erases it and then publishes DataErased with the same
@@ -221,7 +246,7 @@ export type UserDeleted = Message<"fittracker.events.v1.UserDeleted"> & {
  * Use `create(UserDeletedSchema)` to create a new message.
  */
 export const UserDeletedSchema: GenMessage<UserDeleted> = /*@__PURE__*/
-  messageDesc(file_fittracker_events_v1_events, 2);
+  messageDesc(file_fittracker_events_v1_events, 3);
 
 /**
  * A workout session was completed. Published by the workout service.
@@ -299,7 +324,7 @@ export type SessionCompleted = Message<"fittracker.events.v1.SessionCompleted"> 
  * Use `create(SessionCompletedSchema)` to create a new message.
  */
 export const SessionCompletedSchema: GenMessage<SessionCompleted> = /*@__PURE__*/
-  messageDesc(file_fittracker_events_v1_events, 3);
+  messageDesc(file_fittracker_events_v1_events, 4);
 
 /**
  * The sets of one exercise in a session, summarised. Warm-up sets are left out of every figure.
@@ -390,7 +415,7 @@ export type ExerciseSummary = Message<"fittracker.events.v1.ExerciseSummary"> & 
  * Use `create(ExerciseSummarySchema)` to create a new message.
  */
 export const ExerciseSummarySchema: GenMessage<ExerciseSummary> = /*@__PURE__*/
-  messageDesc(file_fittracker_events_v1_events, 4);
+  messageDesc(file_fittracker_events_v1_events, 5);
 
 /**
  * A personal record was set. Published by the workout service when it completes the session.
@@ -460,7 +485,7 @@ export type PersonalRecordAchieved = Message<"fittracker.events.v1.PersonalRecor
  * Use `create(PersonalRecordAchievedSchema)` to create a new message.
  */
 export const PersonalRecordAchievedSchema: GenMessage<PersonalRecordAchieved> = /*@__PURE__*/
-  messageDesc(file_fittracker_events_v1_events, 5);
+  messageDesc(file_fittracker_events_v1_events, 6);
 
 /**
  * A user's training streak reached a milestone. Published by the analytics service.
@@ -488,7 +513,7 @@ export type StreakMilestoneReached = Message<"fittracker.events.v1.StreakMilesto
  * Use `create(StreakMilestoneReachedSchema)` to create a new message.
  */
 export const StreakMilestoneReachedSchema: GenMessage<StreakMilestoneReached> = /*@__PURE__*/
-  messageDesc(file_fittracker_events_v1_events, 6);
+  messageDesc(file_fittracker_events_v1_events, 7);
 
 /**
  * A service finished erasing a deleted user's data. Published by each service that holds user
@@ -524,5 +549,5 @@ export type DataErased = Message<"fittracker.events.v1.DataErased"> & {
  * Use `create(DataErasedSchema)` to create a new message.
  */
 export const DataErasedSchema: GenMessage<DataErased> = /*@__PURE__*/
-  messageDesc(file_fittracker_events_v1_events, 7);
+  messageDesc(file_fittracker_events_v1_events, 8);
 
