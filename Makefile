@@ -40,16 +40,18 @@ lock-check: venv ## Fail when uv.lock and pyproject.toml disagree or .venv holds
 	@$(UV) lock --check --quiet
 	@$(UV) sync --locked --check --quiet
 
-deps: venv ## Install the servers and tools the tests use (Redis, FerretDB, ghz, h2load)
+deps: venv ## Install the servers and tools the tests use (Redis, FerretDB, ghz, h2load, kustomize, istioctl)
 	@bash tools/install_deps.sh
 
-gen: venv ## Regenerate code, descriptors and the edge config from proto/
+gen: venv ## Regenerate code, descriptors and the edge configs (local and cluster) from proto/
 	@$(PY) tools/gen.py
 	@$(PY) tools/envoy_config.py
+	@$(PY) tools/edge_configmap.py
 
 check-gen: venv ## Fail when generated code or the edge config is stale
 	@$(PY) tools/gen.py --check
 	@$(PY) tools/envoy_config.py --check
+	@$(PY) tools/edge_configmap.py --check
 
 buf-lint: venv
 	@echo "==> buf lint"
@@ -81,6 +83,25 @@ loadtest: venv deps ## Load test every present service with ghz (edge + direct),
 
 bench: venv deps ## Measure runtime, edge, peer, worker and cache ratios against the targets; ARGS=--quick
 	@$(PY) tools/bench.py $(ARGS)
+
+# The overlay as committed, or with the image tag IMAGE_TAG through a scratch kustomization that
+# names the overlay as its base (kustomize has no command-line override that leaves files alone).
+RENDER := .cache/render
+render-%: deps
+	@test -f mesh/overlays/$*/kustomization.yaml || { echo "no overlay mesh/overlays/$*" >&2; exit 1; }
+	@[[ -z '$(IMAGE_TAG)' || '$(IMAGE_TAG)' =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$$ ]] || \
+		{ echo "IMAGE_TAG must be an image tag (letters, digits, _ . -; at most 128), got '$(IMAGE_TAG)'" >&2; exit 1; }
+	@mkdir -p $(RENDER)
+	@if [ -n "$(IMAGE_TAG)" ]; then \
+		rm -rf $(RENDER)/$*-tagged && mkdir -p $(RENDER)/$*-tagged && \
+		printf 'apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../../../mesh/overlays/%s]\nimages: [{name: fittracker/backend, newTag: "%s"}]\n' \
+			'$*' '$(IMAGE_TAG)' >$(RENDER)/$*-tagged/kustomization.yaml && \
+		kustomize build $(RENDER)/$*-tagged >$(RENDER)/$*.yaml; \
+	else kustomize build mesh/overlays/$* >$(RENDER)/$*.yaml; fi
+	@echo "==> $(RENDER)/$*.yaml: $$(grep -c '^kind:' $(RENDER)/$*.yaml) objects, images $$(grep -o 'image: .*' $(RENDER)/$*.yaml | sort -u | cut -d' ' -f2 | tr '\n' ' ')"
+
+render-dev: ## Render the dev overlay into .cache/render/dev.yaml (IMAGE_TAG=... for another image tag)
+render-prod: ## Render the prod overlay into .cache/render/prod.yaml (IMAGE_TAG=... for another image tag)
 
 clean: ## Remove the environment, caches and local data
 	rm -rf $(VENV) .cache .data .pytest_cache .mypy_cache .ruff_cache

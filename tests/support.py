@@ -31,6 +31,9 @@ def backend_settings(
         "argon2_memory_kib": 1024,
         "argon2_time_cost": 1,
         "log_level": "WARNING",
+        # Short, where production derives them from the longest call: no call in these tests lasts 1 s.
+        "revocation_poll_seconds": 0.2,
+        "erasure_delay_seconds": 0.5,
         **overrides,
     }
     return Settings(**values)

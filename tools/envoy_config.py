@@ -55,6 +55,9 @@ JWT_AUDIENCE = "fittracker-api"
 #: that a client can never forge them on a route where the token is optional.
 JWT_PAYLOAD_HEADER = "x-jwt-payload"
 USER_ID_HEADER = "x-user-id"
+#: The client's address as the edge determined it (the socket peer, or the trusted hop of
+#: X-Forwarded-For behind a load balancer); services count login failures per this address.
+CLIENT_ADDRESS_HEADER = "x-fittracker-client-address"
 #: Browser origins allowed when none are configured: local development servers only (webpack's
 #: and Vite's default ports). A deployment sets its own in CORS_ORIGINS_ENV or with --cors-origin.
 DEFAULT_CORS_ORIGINS = ("http://localhost:3000", "http://localhost:5173")
@@ -230,6 +233,10 @@ class EdgeOptions:
     rate_limit_service: str = ""
     #: OTLP gRPC collector ("host:port") for the edge's spans; empty keeps them unexported.
     otlp_endpoint: str = ""
+    #: Proxies in front of the edge that each append the address they saw to X-Forwarded-For (the
+    #: Istio ingress gateway in a cluster): the client address is that many entries from the right.
+    #: 0 locally, where clients connect straight to the edge.
+    xff_num_trusted_hops: int = 0
     extra_clusters: Mapping[str, Sequence[Address]] = field(default_factory=dict)
 
 
@@ -411,9 +418,10 @@ def _access_log() -> list[Yaml]:
         "trace_id": "%TRACE_ID%",
         "traceparent": "%REQ(TRACEPARENT)%",
         "method": "%REQ(:METHOD)%",
-        # The path the client sent; the transcoder keeps it here after rewriting :path.
-        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
-        "grpc_method": "%REQ(:PATH)%",
+        # The path the client sent (the transcoder keeps it here after rewriting :path), without
+        # the query: a client may put a credential there, and logs must never hold one.
+        "path": "%REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+        "grpc_method": "%REQ_WITHOUT_QUERY(:PATH)%",
         "content_type": "%REQ(CONTENT-TYPE)%",
         "protocol": "%PROTOCOL%",
         "status": "%RESPONSE_CODE%",
@@ -436,7 +444,10 @@ def _access_log() -> list[Yaml]:
         "filter": why("Load balancers' /healthz probes would drown the real traffic.", {"not_health_check_filter": {}}),
         "typed_config": _typed(
             "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-            log_format={"json_format": fields},
+            log_format={"json_format": fields, "formatters": [{
+                "name": "envoy.formatter.req_without_query",
+                "typed_config": _typed("envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery"),
+            }]},
         ),
     }]
 
@@ -599,6 +610,10 @@ def _jwt_filter(services: Sequence[GrpcService], jwks_path: str) -> dict[str, Ya
                     {"filename": jwks_path},
                 ),
                 "forward": why("Services verify the token again (defence in depth): pass it on.", True),
+                "from_headers": why(
+                    "Only the header: the default also takes ?access_token=, and URLs end up in logs and histories.",
+                    [{"name": "authorization", "value_prefix": "Bearer "}],
+                ),
                 "forward_payload_header": JWT_PAYLOAD_HEADER,
                 "claim_to_headers": [{"header_name": USER_ID_HEADER, "claim_name": "sub"}],
                 "clock_skew_seconds": 30,
@@ -622,11 +637,18 @@ def _http_filters(services: Sequence[GrpcService], clusters: Sequence[str], opti
                 cluster_min_healthy_percentages={c: {"value": 1.0} for c in clusters},
             ),
         }),
-        why("Identity headers come only from the JWT filter below, never from the client.", {
+        why("Identity and address headers come only from the edge itself, never from the client.", {
             "name": "envoy.filters.http.header_mutation",
             "typed_config": _typed(
                 "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-                mutations={"request_mutations": [{"remove": JWT_PAYLOAD_HEADER}, {"remove": USER_ID_HEADER}]},
+                mutations={"request_mutations": [
+                    {"remove": JWT_PAYLOAD_HEADER},
+                    {"remove": USER_ID_HEADER},
+                    why("Not X-Forwarded-For's first entry, which any client can write.", {"append": {
+                        "header": {"key": CLIENT_ADDRESS_HEADER, "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }}),
+                ]},
             ),
         }),
         why("Before the protocol filters, so preflights are answered for JSON and gRPC-Web paths alike.", {
@@ -977,6 +999,8 @@ def _listener(services: Sequence[GrpcService], topology: Topology, options: Edge
         generate_request_id=True,
         always_set_request_id_in_response=why("Clients quote it in bug reports; it keys the access log.", True),
         use_remote_address=why("The edge faces clients: trust no incoming X-Forwarded-For.", True),
+        **({"xff_num_trusted_hops": why("Proxies in front append the client to X-Forwarded-For: trust that many.",
+                                        options.xff_num_trusted_hops)} if options.xff_num_trusted_hops else {}),
         normalize_path=why("The JWT rules match on paths, so /a/../b must not sneak past them.", True),
         merge_slashes=True,
         path_with_escaped_slashes_action=why("No resource name holds an encoded slash.", "REJECT_REQUEST"),
@@ -1205,6 +1229,12 @@ def _parse_limit(text: str) -> Limit | None:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _parse_hops(text: str) -> int:
+    if not text.isdigit() or int(text) > 10:
+        raise argparse.ArgumentTypeError(f"expected a number of proxies from 0 to 10, got {text!r}")
+    return int(text)
+
+
 def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     """The command line; defaults come from ``env`` (FITTRACKER_* variables)."""
 
@@ -1248,6 +1278,9 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--rate-limit-service-config", type=Path, metavar="FILE",
                         help="also write that service's config for the quotas here")
     parser.add_argument("--otlp-endpoint", default=env.get("FITTRACKER_OTLP_ENDPOINT", ""))
+    parser.add_argument("--xff-num-trusted-hops", type=_parse_hops,
+                        default=number("FITTRACKER_EDGE_XFF_NUM_TRUSTED_HOPS", 0), metavar="N",
+                        help="proxies in front of the edge (1 behind the Istio ingress gateway; default 0)")
     return parser
 
 
@@ -1273,6 +1306,7 @@ def options_from(args: argparse.Namespace) -> tuple[Topology, EdgeOptions, list[
         user_limit=args.user_limit,
         rate_limit_service=args.rate_limit_service,
         otlp_endpoint=args.otlp_endpoint,
+        xff_num_trusted_hops=args.xff_num_trusted_hops,
     )
     return topology, options, services
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the non-Python tools the tests and load tests need; `make deps` calls it.
+# Installs the non-Python tools the tests, load tests and deploy renders need; `make deps` calls it.
 # Idempotent: each step is skipped when its tool is already there at the right version.
 set -euo pipefail
 
@@ -95,6 +95,30 @@ else
     GOBIN="$BUILD/ratelimit-bin" go install "github.com/envoyproxy/ratelimit/src/service_cmd@$RATELIMIT_VERSION"
     mv "$BUILD/ratelimit-bin/service_cmd" "$BIN/ratelimit"
     printf '%s\n' "$RATELIMIT_VERSION" >"$BIN/ratelimit.version"
+fi
+
+# kustomize renders the mesh/ overlays (`make render-dev`, `make render-prod`, tests/mesh). v5.8.2 is the
+# newest release whose go.mod the installed toolchain accepts (v5.8.3 asks for Go 1.27).
+KUSTOMIZE_VERSION="v5.8.2"
+if [ -x "$BIN/kustomize" ] && [ "$(cat "$BIN/kustomize.version" 2>/dev/null)" = "$KUSTOMIZE_VERSION" ]; then
+    step "kustomize $KUSTOMIZE_VERSION: present ($BIN/kustomize)"
+else
+    step "kustomize $KUSTOMIZE_VERSION: installing into $BIN/kustomize"
+    GOBIN="$BIN" go install "sigs.k8s.io/kustomize/kustomize/v5@$KUSTOMIZE_VERSION"
+    printf '%s\n' "$KUSTOMIZE_VERSION" >"$BIN/kustomize.version"
+fi
+
+# Istio's own analyzer (`istioctl analyze --use-kube=false`) over the rendered overlays in tests/mesh:
+# it applies Istio's semantic validation, which the strict schema check does not. The module proxy
+# serves istio.io/istio only as pseudo-versions (its tags are not Go-module semver), so this pins the
+# snapshot of 2026-08-27 (1.30 in development). Large: several minutes of compiling on a cold cache.
+ISTIOCTL_VERSION="v0.0.0-20260827124520-eed52ebb66ad"
+if [ -x "$BIN/istioctl" ] && [ "$(cat "$BIN/istioctl.version" 2>/dev/null)" = "$ISTIOCTL_VERSION" ]; then
+    step "istioctl $ISTIOCTL_VERSION: present ($BIN/istioctl)"
+else
+    step "istioctl $ISTIOCTL_VERSION: building into $BIN/istioctl (several minutes on a cold cache)"
+    GOBIN="$BIN" go install "istio.io/istio/istioctl/cmd/istioctl@$ISTIOCTL_VERSION"
+    printf '%s\n' "$ISTIOCTL_VERSION" >"$BIN/istioctl.version"
 fi
 
 # The schema validator for mesh/ (tests/mesh/validate), pinned by its go.sum. Built here rather than

@@ -21,7 +21,7 @@ async def build(settings: Settings, resources: Resources) -> ServiceDefinition:
     await plans.ensure()
     outbox = Outbox(resources.store, resources.events)
     await outbox.ensure()
-    servicer = AiService(plans, Peers(resources.client("user"), resources.client("workout")))
+    servicer = AiService(plans, Peers(resources.client("user"), resources.client("workout")), resources.page_tokens)
     erase_deleted_users = resources.events.consumer(
         GROUP, [stream_of("user")], UserDeletedHandler(plans, outbox), resources.store
     )

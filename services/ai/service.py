@@ -8,8 +8,6 @@ modules: ``form`` (pose analysis), ``recommender`` and ``planner``.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import time
 import uuid
@@ -36,7 +34,7 @@ from services.ai.repository import (
     plan_to_document,
 )
 from services.ai.training import equipment_name, goal_profile, join_words
-from services.runtime import auth
+from services.runtime import auth, paging
 from services.runtime.errors import (
     Aborted,
     DomainError,
@@ -101,11 +99,12 @@ def analyze(request: ai_service_pb2.AnalyzeFormRequest) -> ai_pb2.FormAnalysis:
 class AiService(ai_service_pb2_grpc.AiServiceServicer):
     """Implements fittracker.ai.v1.AiService."""
 
-    def __init__(self, plans: PlanRepository, peers: Peers, *, clock: Callable[[], float] = time.monotonic,
-                 max_stream_frames: int = MAX_STREAM_FRAMES) -> None:
+    def __init__(self, plans: PlanRepository, peers: Peers, pages: paging.PageTokens, *,
+                 clock: Callable[[], float] = time.monotonic, max_stream_frames: int = MAX_STREAM_FRAMES) -> None:
         """Take every dependency from the caller (built once at start)."""
         self._plans = plans
         self._peers = peers
+        self._pages = pages
         self._clock = clock
         self._max_stream_frames = max_stream_frames
 
@@ -265,11 +264,14 @@ class AiService(ai_service_pb2_grpc.AiServiceServicer):
         """List the caller's plans, newest first."""
         user_id = user_of(request.parent)
         size = request.page_size or DEFAULT_PAGE_SIZE
-        after = _decode_token(request.page_token, user_id) if request.page_token else None
+        query = paging.fingerprint("plans", user_id)
+        position = self._pages.decode(request.page_token, query)
+        after = (datetime.fromisoformat(position[0]), str(position[1])) if position else None
         docs = await self._plans.page(user_id, size + 1, after)
         response = ai_service_pb2.ListPlansResponse(plans=[document_to_plan(d) for d in docs[:size]])
         if len(docs) > size:
-            response.next_page_token = _encode_token(user_id, docs[size - 1])
+            last = docs[size - 1]
+            response.next_page_token = self._pages.encode(query, [last["create_time"].isoformat(), last["_id"]])
         return response
 
     async def AdaptPlan(  # noqa: N802
@@ -383,21 +385,6 @@ def _replayed(doc: Document, fingerprint: str) -> ai_pb2.Plan:
     return document_to_plan(doc)
 
 
-def _encode_token(user_id: str, doc: Document) -> str:
-    body = json.dumps({"u": user_id, "t": doc["create_time"].isoformat(), "i": doc["_id"]})
-    return base64.urlsafe_b64encode(body.encode()).decode()
-
-
-def _decode_token(token: str, user_id: str) -> tuple[datetime, str]:
-    try:
-        body = json.loads(base64.urlsafe_b64decode(token.encode()))
-        created, plan_id = datetime.fromisoformat(body["t"]), str(body["i"])
-        owner = body["u"]
-    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise InvalidArgument.field("page_token", "is not a token this method returned") from None
-    if owner != user_id or created.tzinfo is None:
-        raise InvalidArgument.field("page_token", "belongs to another listing")
-    return created, plan_id
 
 
 def _session_logs(sessions: Sequence[workout_pb2.Session], zone: ZoneInfo) -> list[SessionLog]:

@@ -33,7 +33,7 @@ async def assemble(settings: Settings, resources: Resources, *, clock: Clock = n
     consumer = resources.events.consumer(
         CONSUMER_GROUP, [stream_of("workout"), stream_of("user")], projector.handle, resources.store
     )
-    servicer = AnalyticsService(repo, clock)
+    servicer = AnalyticsService(repo, resources.page_tokens, clock)
 
     def register(server: grpc.aio.Server) -> None:
         analytics_service_pb2_grpc.add_AnalyticsServiceServicer_to_server(servicer, server)

@@ -7,10 +7,6 @@ service or scans a user's whole history, so reads stay cheap however busy the wr
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import json
 from collections.abc import Iterable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -33,7 +29,7 @@ from services.analytics.projections import (
 )
 from services.analytics.projector import Clock
 from services.analytics.repository import AnalyticsRepository
-from services.runtime import auth
+from services.runtime import auth, paging
 from services.runtime.errors import InvalidArgument, NotFound
 from services.runtime.storage import Document
 from services.runtime.timeutil import from_timestamp, now, to_timestamp
@@ -58,9 +54,10 @@ Context = grpc.aio.ServicerContext[Any, Any]
 class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
     """Implements fittracker.analytics.v1.AnalyticsService."""
 
-    def __init__(self, repo: AnalyticsRepository, clock: Clock = now) -> None:
+    def __init__(self, repo: AnalyticsRepository, pages: paging.PageTokens, clock: Clock = now) -> None:
         """Read from ``repo``; ``clock`` gives "now" (today, this week, sealing)."""
         self._repo = repo
+        self._pages = pages
         self._clock = clock
 
     # --- helpers ----------------------------------------------------------------------------
@@ -139,9 +136,10 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
             filters.append({"achieve_time": {"$gte": start}})
         if end is not None:
             filters.append({"achieve_time": {"$lt": end}})
-        scope = _digest(user_id, exercise, start, end)
-        if request.page_token:
-            after_time, after_id = _read_token(request.page_token, scope)
+        query = paging.fingerprint("record-timeline", user_id, exercise, start, end)
+        position = self._pages.decode(request.page_token, query)
+        if position:
+            after_time, after_id = datetime.fromisoformat(position[0]), str(position[1])
             filters.append({
                 "$or": [
                     {"achieve_time": {"$lt": after_time}},
@@ -153,7 +151,9 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
             {"$and": filters}, sort=[("achieve_time", -1), ("_id", -1)], limit=size + 1
         )
         page = docs[:size]
-        token = _make_token(page[-1]["achieve_time"], page[-1]["_id"], scope) if len(docs) > size else ""
+        token = ""
+        if len(docs) > size:
+            token = self._pages.encode(query, [page[-1]["achieve_time"].isoformat(), page[-1]["_id"]])
         return analytics_service_pb2.ListPersonalRecordTimelineResponse(
             personal_records=[_record(d) for d in page], next_page_token=token
         )
@@ -416,23 +416,6 @@ def _week_counts(markers: Iterable[Document]) -> dict[str, int]:
     return {"active_users": len(users), "sessions_completed": sessions}
 
 
-def _digest(*parts: object) -> str:
-    return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
 
 
-def _make_token(after_time: datetime, after_id: str, scope: str) -> str:
-    body = json.dumps({"t": after_time.isoformat(), "i": after_id, "s": scope}, separators=(",", ":"))
-    return base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
-
-
-def _read_token(token: str, scope: str) -> tuple[datetime, str]:
-    """The (time, id) a page token continues after; INVALID_ARGUMENT when it is not ours or stale."""
-    try:
-        body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        after_time, after_id, token_scope = datetime.fromisoformat(body["t"]), str(body["i"]), body["s"]
-    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise InvalidArgument.field("page_token", "is not a token this method returned") from None
-    if token_scope != scope:
-        raise InvalidArgument.field("page_token", "belongs to a call with other filters") from None
-    return after_time, after_id
 

@@ -72,7 +72,7 @@ async def build(settings: Settings, resources: Resources) -> ServiceDefinition:
     worker = DeliveryWorker(notifications, dispatcher, config.poll_interval_seconds, now)
     handler = EventHandler(notifier, directory, notifications, devices, hub, outbox)
     consumer = resources.events.consumer(CONSUMER_GROUP, STREAMS, handler, resources.store)
-    servicer = NotificationService(config, notifications, devices, directory, notifier, hub)
+    servicer = NotificationService(config, notifications, devices, directory, notifier, hub, resources.page_tokens)
 
     def register(server: grpc.aio.Server) -> None:
         notification_service_pb2_grpc.add_NotificationServiceServicer_to_server(servicer, server)

@@ -12,15 +12,10 @@ document; the loser's upsert fails on ``_id`` and simply tries again.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import json
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from services.runtime.errors import InvalidArgument
 from services.runtime.storage import CollectionSpec, Document, DocumentStore, DuplicateKeyError, Filter, IndexSpec
 
 NOTIFICATIONS = CollectionSpec(
@@ -76,27 +71,6 @@ def notification_id_for(user_id: str, request_id: str) -> str:
 def device_id_for(push_token: str) -> str:
     """The device id of a push token: a one-way digest, so the id never reveals the token."""
     return uuid.uuid5(DEVICE_NAMESPACE, push_token).hex
-
-
-def encode_token(payload: dict[str, Any]) -> str:
-    """An opaque page token."""
-    return base64.urlsafe_b64encode(json.dumps(payload, separators=(",", ":")).encode()).decode().rstrip("=")
-
-
-def decode_token(token: str, field: str = "page_token") -> dict[str, Any]:
-    """The payload of a page token, or INVALID_ARGUMENT naming ``field``."""
-    try:
-        payload = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-    except (ValueError, binascii.Error):
-        raise InvalidArgument.field(field, "is not a token this service issued") from None
-    if not isinstance(payload, dict):
-        raise InvalidArgument.field(field, "is not a token this service issued")
-    return payload
-
-
-def fingerprint(*parts: object) -> str:
-    """A short digest of list filters, so a page token cannot be replayed with other filters."""
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:12]
 
 
 class NotificationRepository:

@@ -17,13 +17,10 @@ from services.notification.notifier import Notifier
 from services.notification.repository import (
     DeviceRepository,
     NotificationRepository,
-    decode_token,
     device_id_for,
-    encode_token,
-    fingerprint,
 )
 from services.notification.stream import Stream
-from services.runtime import auth
+from services.runtime import auth, paging
 from services.runtime.errors import DomainError, InvalidArgument, NotFound
 from services.runtime.interceptors import call_deadline
 from services.runtime.storage import Document
@@ -63,8 +60,10 @@ class NotificationService(notification_service_pb2_grpc.NotificationServiceServi
         directory: Directory,
         notifier: Notifier,
         hub: Hub,
+        pages: paging.PageTokens,
     ) -> None:
         """Take every dependency from the caller (built once at start)."""
+        self._pages = pages
         self._config = config
         self._notifications = notifications
         self._devices = devices
@@ -97,18 +96,14 @@ class NotificationService(notification_service_pb2_grpc.NotificationServiceServi
         user_id = await self._owner(request.parent)
         size = request.page_size or DEFAULT_PAGE_SIZE
         category = notification_pb2.Category.Name(request.category) if request.category else None
-        filters = fingerprint(user_id, request.unread_only, category)
-        before = None
-        if request.page_token:
-            token = decode_token(request.page_token)
-            if token.get("f") != filters or not isinstance(token.get("c"), int):
-                raise InvalidArgument.field("page_token", "belongs to a list call with other filters")
-            before = token["c"]
+        query = paging.fingerprint("notifications", user_id, request.unread_only, category)
+        position = self._pages.decode(request.page_token, query)
+        before = int(position[0]) if position else None
         docs = await self._notifications.page(
             user_id, limit=size + 1, before_cursor=before, unread_only=request.unread_only, category=category
         )
         page = docs[:size]
-        next_token = encode_token({"c": int(page[-1]["cursor"]), "f": filters}) if len(docs) > size else ""
+        next_token = self._pages.encode(query, [int(page[-1]["cursor"])]) if len(docs) > size else ""
         return notification_service_pb2.ListNotificationsResponse(
             notifications=[to_notification(d) for d in page], next_page_token=next_token
         )
@@ -189,20 +184,14 @@ class NotificationService(notification_service_pb2_grpc.NotificationServiceServi
         """A page of devices, most recently registered first; tokens are never returned."""
         user_id = await self._owner(request.parent)
         size = request.page_size or DEFAULT_PAGE_SIZE
-        after = None
-        if request.page_token:
-            token = decode_token(request.page_token)
-            try:
-                if token.get("u") != user_id:
-                    raise ValueError("token of another user")
-                after = (datetime.fromisoformat(str(token["t"])), str(token["i"]))
-            except (KeyError, ValueError):
-                raise InvalidArgument.field("page_token", "is not a token of this list") from None
+        query = paging.fingerprint("devices", user_id)
+        position = self._pages.decode(request.page_token, query)
+        after = (datetime.fromisoformat(position[0]), str(position[1])) if position else None
         docs = await self._devices.page(user_id, limit=size + 1, after=after)
         page = docs[:size]
         next_token = ""
         if len(docs) > size:
-            next_token = encode_token({"u": user_id, "t": page[-1]["update_time"].isoformat(), "i": page[-1]["_id"]})
+            next_token = self._pages.encode(query, [page[-1]["update_time"].isoformat(), page[-1]["_id"]])
         return notification_service_pb2.ListDevicesResponse(
             devices=[to_device(d) for d in page], next_page_token=next_token
         )

@@ -23,6 +23,7 @@ from opentelemetry import trace
 from services.runtime import auth
 from services.runtime.errors import DeadlineExceeded, DomainError, Unauthenticated
 from services.runtime.observability import AccessLog, Metrics, monotonic
+from services.runtime.revocation import Revocations
 from services.runtime.validation import RequestValidator
 
 log = logging.getLogger("fittracker.rpc")
@@ -72,12 +73,14 @@ class CallPipeline(grpc.aio.ServerInterceptor):
         metrics: Metrics,
         verifier: auth.TokenVerifier,
         public_methods: Collection[str],
+        revocations: Revocations | None = None,
         max_deadline_seconds: float,
         validator: RequestValidator | None = None,
     ) -> None:
         """``public_methods`` are full method names ("/pkg.Service/Method") callable without a token."""
         self._metrics = metrics
         self._verifier = verifier
+        self._revocations = revocations
         self._public = frozenset(public_methods)
         self._max_deadline = max_deadline_seconds
         self._validator = validator or RequestValidator()
@@ -152,11 +155,21 @@ class CallPipeline(grpc.aio.ServerInterceptor):
         code = grpc.StatusCode.OK
         principal_token = deadline_token = None
         try:
-            deadline_token = call_deadline.set(self._check_deadline(context))
+            deadline = self._check_deadline(context)
+            deadline_token = call_deadline.set(deadline)
             principal_token = auth.set_principal(self._authenticate(context, public))
             if isinstance(request, Message):
                 self._validator.check(request)
-            return await inner(request, context)
+            # No handler outlives its deadline (capped at the longest one): the deletion saga's
+            # erasure delay relies on every write that passed the token check ending by then.
+            budget = asyncio.timeout(deadline)
+            try:
+                async with budget:
+                    return await inner(request, context)
+            except TimeoutError:
+                if budget.expired():
+                    raise DeadlineExceeded("the call ran past its deadline") from None
+                raise
         except BaseException as error:
             code = self._status_of(error, context)
             await self._abort(stats, error, context)
@@ -217,7 +230,10 @@ class CallPipeline(grpc.aio.ServerInterceptor):
             if public:
                 return None
             raise Unauthenticated("this method needs a bearer access token")
-        return self._verifier.verify(token)
+        principal = self._verifier.verify(token)
+        if self._revocations is not None and self._revocations.is_revoked(principal):
+            raise Unauthenticated("this session has ended; sign in again")
+        return principal
 
     def _status_of(self, error: BaseException, context: Context) -> grpc.StatusCode:
         """The status code a call that raised ``error`` ends with."""

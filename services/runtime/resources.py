@@ -13,6 +13,8 @@ from services.runtime.clients import ChannelPool, ServiceClient
 from services.runtime.counters import Counters, RedisCounters, StoreCounters
 from services.runtime.events import EventBus, open_bus
 from services.runtime.observability import Metrics
+from services.runtime.paging import PageTokens, load_key
+from services.runtime.revocation import RedisRevocationLog, RevocationLog, Revocations, StoreRevocationLog
 from services.runtime.settings import ServiceName, Settings
 from services.runtime.storage import DocumentStore, open_store
 
@@ -32,9 +34,15 @@ class Resources:
     service_credentials: ServiceCredentials
     #: Domain events: Redis Streams when Redis is configured, else the machine's embedded log.
     events: EventBus
+    #: Sessions and accounts whose access tokens no longer count (checked on every call).
+    revocations: Revocations
+    #: The page-token codec of every list method (one key per deployment).
+    page_tokens: PageTokens
     channels: ChannelPool = field(default_factory=ChannelPool)
     _caches: list[Cache[Any]] = field(default_factory=list)
     _cache_metrics: CacheMetrics | None = None
+    #: Stores opened here beside the service's own (the shared revocation log's), closed with it.
+    _extra_stores: list[DocumentStore] = field(default_factory=list)
 
     async def shared_cache(self, name: str, codec: Codec[T]) -> Cache[T] | None:
         """A read cache shared by every replica through Redis, or None without Redis.
@@ -62,6 +70,24 @@ class Resources:
         if settings.metrics_port:
             metrics.serve(settings.metrics_port + settings.worker_index)
         events = open_bus(settings, redis, registry=metrics.registry)
+        extra_stores: list[DocumentStore] = []
+        revocation_log: RevocationLog
+        if redis is not None:
+            revocation_log = RedisRevocationLog(redis)
+        elif settings.mongo_url:
+            revocation_log = StoreRevocationLog(store)  # one database for every service
+        else:
+            # Each service has its own embedded file; revocations need one every service reads.
+            extra_stores.append(open_store("", "", settings.data_dir, "auth"))
+            revocation_log = StoreRevocationLog(extra_stores[0])
+        revocations = Revocations(
+            revocation_log,
+            token_ttl_seconds=settings.access_token_ttl_seconds,
+            poll_seconds=settings.revocation_poll_seconds,
+            registry=metrics.registry,
+        )
+        await revocations.ensure()
+        await revocations.refresh()
         return cls(
             settings=settings,
             store=store,
@@ -73,6 +99,11 @@ class Resources:
                 settings.keys_dir, settings.service, settings.jwt_issuer, settings.jwt_audience
             ),
             events=events,
+            revocations=revocations,
+            page_tokens=PageTokens(load_key(
+                settings.page_token_key, settings.keys_dir, allow_create=settings.environment != "production"
+            )),
+            _extra_stores=extra_stores,
         )
 
     def client(self, service: ServiceName) -> ServiceClient:
@@ -88,3 +119,5 @@ class Resources:
         if self.redis is not None:
             await self.redis.aclose()
         await self.store.close()
+        for extra in self._extra_stores:
+            await extra.close()

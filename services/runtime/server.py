@@ -114,6 +114,7 @@ async def start_service(settings: Settings, build: Builder, resources: Resources
     pipeline = CallPipeline(
         metrics=resources.metrics,
         verifier=resources.verifier,
+        revocations=resources.revocations,
         public_methods=definition.public_methods,
         max_deadline_seconds=settings.max_deadline_seconds,
     )
@@ -141,7 +142,8 @@ async def start_service(settings: Settings, build: Builder, resources: Resources
     for name in ("", *definition.service_names):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     running = RunningService(server, port, health, definition, resources)
-    running.tasks = [asyncio.create_task(job(), name=f"background-{i}") for i, job in enumerate(definition.background)]
+    jobs = [resources.revocations.poll, *definition.background]
+    running.tasks = [asyncio.create_task(job(), name=f"background-{i}") for i, job in enumerate(jobs)]
     return running
 
 

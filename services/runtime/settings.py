@@ -68,6 +68,16 @@ class Settings:
     jwt_audience: str = "fittracker-api"
     access_token_ttl_seconds: int = 900
     refresh_token_ttl_seconds: int = 30 * 24 * 3600
+    #: How often each replica reads new session revocations: the bound on how long an access token
+    #: still works after logout, refresh-token reuse or account deletion.
+    revocation_poll_seconds: float = 1.0
+    #: Seconds between an account's deletion and the start of its erasure, so that calls which
+    #: passed the token check before every replica knew (the revocation bound) and then ran for
+    #: up to the longest deadline are erased too. -1 derives it from those two.
+    erasure_delay_seconds: float = -1.0
+    #: HMAC key of page tokens, the same on every replica (a Secret in a cluster); outside
+    #: production an empty value means a key generated once in the keys directory.
+    page_token_key: str = ""
     #: Comma-separated emails that get the admin role when they register (operators' bootstrap).
     admin_emails: str = ""
     #: argon2id cost: memory in KiB and passes. Lower them only for tests.
@@ -93,6 +103,13 @@ class Settings:
     def keys_dir(self) -> Path:
         """The JWT key directory, defaulting to ``<data_dir>/keys``."""
         return self.jwt_keys_dir if str(self.jwt_keys_dir) not in ("", ".") else self.data_dir / "keys"
+
+    @property
+    def erasure_delay(self) -> float:
+        """The configured erasure delay, or the longest call plus the revocation bound (and slack)."""
+        if self.erasure_delay_seconds >= 0:
+            return self.erasure_delay_seconds
+        return self.max_deadline_seconds + 2 * self.revocation_poll_seconds + 1.0
 
     @property
     def listen_port(self) -> int:
@@ -134,6 +151,8 @@ class Settings:
             raise SettingsError(f"{PREFIX}GRACE_SECONDS and {PREFIX}DRAIN_NOTICE_SECONDS must not be negative")
         if self.access_token_ttl_seconds < 30 or self.access_token_ttl_seconds > 3600:
             raise SettingsError(f"{PREFIX}ACCESS_TOKEN_TTL_SECONDS must be between 30 and 3600")
+        if not 0.05 <= self.revocation_poll_seconds <= 10:
+            raise SettingsError(f"{PREFIX}REVOCATION_POLL_SECONDS must be between 0.05 and 10")
         if self.refresh_token_ttl_seconds <= self.access_token_ttl_seconds:
             raise SettingsError(f"{PREFIX}REFRESH_TOKEN_TTL_SECONDS must exceed the access token TTL")
         for url, name, schemes in (
@@ -142,6 +161,8 @@ class Settings:
         ):
             if url and not url.startswith(schemes):
                 raise SettingsError(f"{PREFIX}{name} must start with {' or '.join(schemes)}")
+        if self.page_token_key and len(self.page_token_key) < 32:
+            raise SettingsError(f"{PREFIX}PAGE_TOKEN_KEY must be at least 32 characters")
         if self.environment == "production" and str(self.jwt_keys_dir) in ("", "."):
             raise SettingsError(f"{PREFIX}JWT_KEYS_DIR must name provisioned keys in production")
 

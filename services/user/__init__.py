@@ -14,9 +14,13 @@ from services.runtime.resources import Resources
 from services.runtime.server import ServiceDefinition
 from services.runtime.settings import Settings
 from services.user.passwords import Passwords
-from services.user.repository import UserRepository
+from services.user.repository import Registrations, UserRepository
 from services.user.service import PUBLIC_METHODS, SERVICE, DeletionSaga, UserService
 from services.user.tokens import TokenService
+
+#: How long a Register request id keeps answering with the account it created (retries of one
+#: sign-up happen within minutes; a day covers an app that retries after a night offline).
+REGISTER_IDEMPOTENCY_SECONDS = 24 * 3600
 
 
 async def build(settings: Settings, resources: Resources) -> ServiceDefinition:
@@ -25,6 +29,7 @@ async def build(settings: Settings, resources: Resources) -> ServiceDefinition:
     users = UserRepository(resources.store, await resources.shared_cache("users", DocumentCodec()))
     tokens = TokenService(
         resources.store,
+        resources.revocations,
         signing_key,
         issuer=settings.jwt_issuer,
         audience=settings.jwt_audience,
@@ -35,11 +40,14 @@ async def build(settings: Settings, resources: Resources) -> ServiceDefinition:
     await tokens.ensure()
     outbox = Outbox(resources.store, resources.events)
     await outbox.ensure()
-    deletions = DeletionSaga(resources.store, users, outbox)
+    registrations = Registrations(resources.store, timedelta(seconds=REGISTER_IDEMPOTENCY_SECONDS))
+    await registrations.ensure()
+    deletions = DeletionSaga(resources.store, users, outbox, erasure_delay_seconds=settings.erasure_delay)
     await deletions.ensure()
     servicer = UserService(
         settings,
         users,
+        registrations,
         tokens,
         Passwords(time_cost=settings.argon2_time_cost, memory_kib=settings.argon2_memory_kib),
         resources.counters,
@@ -55,5 +63,8 @@ async def build(settings: Settings, resources: Resources) -> ServiceDefinition:
         service_names=[SERVICE],
         register=register,
         public_methods=PUBLIC_METHODS,
-        background=[outbox.relay, deletions.consumer(resources.events, resources.store), deletions.recover],
+        background=[
+            outbox.relay, deletions.consumer(resources.events, resources.store), deletions.announcer,
+            deletions.recover,
+        ],
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from services.runtime.cache import Cache
@@ -20,6 +22,18 @@ USERS = CollectionSpec(
         IndexSpec("email_unique", (("email", 1),), unique=True),
         IndexSpec("request_id", (("request_id", 1),)),
     ),
+)
+
+TOMBSTONES = CollectionSpec(
+    name="user_tombstones",
+    shard_key=("_id",),
+    why="one point lookup by user id when an id is about to be used; never deleted",
+)
+REGISTRATIONS = CollectionSpec(
+    name="registrations",
+    shard_key=("_id",),
+    why="a retried Register looks up its request id; claims expire with the idempotency window",
+    indexes=(IndexSpec("expires_ttl", (("expires_at", 1),), expire_after_seconds=0),),
 )
 
 #: The profile fields a user may change, and the ones the etag covers.
@@ -39,18 +53,22 @@ class UserRepository:
         """Use ``store``'s ``users`` collection, reading by id through ``cache`` when given."""
         self._store = store
         self._users = store.collection(USERS)
+        self._tombstones = store.collection(TOMBSTONES)
         self._cache = cache
 
     async def ensure(self) -> None:
         """Create the indexes."""
-        await self._store.ensure([USERS])
+        await self._store.ensure([USERS, TOMBSTONES])
 
     async def create(self, doc: Document) -> tuple[Document, bool]:
         """Insert a new user; return (stored document, created).
 
-        A clash on ``_id`` is a retry of the same request (ids derive from the request id), so
-        the stored document is returned with ``created`` False; a clash on the email is refused.
+        A clash on ``_id`` is a retry of the same request racing the first attempt (both hold the
+        id of the request's claim), so the stored document is returned with ``created`` False; a
+        clash on the email is refused. An id that belonged to a deleted account is never reused.
         """
+        if await self.is_tombstoned(doc["_id"]):
+            raise IdRetired(doc["_id"])
         try:
             await self._users.insert(doc)
         except DuplicateKeyError as clash:
@@ -89,7 +107,68 @@ class UserRepository:
         return updated
 
     async def delete(self, user_id: str) -> bool:
-        """Delete the user document."""
+        """Retire the id for ever (a tombstone), then delete the user document."""
+        try:
+            await self._tombstones.insert({"_id": user_id, "delete_time": now()})
+        except DuplicateKeyError:
+            pass  # a retried deletion: the id is already retired
         deleted = await self._users.delete_one({"_id": user_id})
         await self._invalidate(user_id)
         return deleted
+
+    async def is_tombstoned(self, user_id: str) -> bool:
+        """Whether ``user_id`` belonged to an account that was deleted."""
+        return await self._tombstones.get(user_id) is not None
+
+
+class IdRetired(Exception):
+    """The id belonged to a deleted account and must never name another one."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A Register request id bound to the account it creates."""
+
+    user_id: str
+    email: str
+    display_name: str
+    #: False when an earlier attempt of the same request made the claim.
+    fresh: bool
+
+
+class Registrations:
+    """Makes Register idempotent under its request id, for the same payload, within a window.
+
+    The first attempt claims the request id with a new server-generated account id; a retry finds
+    the claim and gets the same account (when the email and name match and the password verifies),
+    never a new one. After the window the claim expires, and the request id is just a new request.
+    The account id never derives from the request id, so nobody can steer which id they get.
+    """
+
+    def __init__(self, store: DocumentStore, window: timedelta) -> None:
+        """Keep claims in ``store``'s ``registrations`` collection for ``window``."""
+        self._store = store
+        self._claims = store.collection(REGISTRATIONS)
+        self._window = window
+
+    async def ensure(self) -> None:
+        """Create the TTL index."""
+        await self._store.ensure([REGISTRATIONS])
+
+    async def claim(self, request_id: str, new_user_id: str, email: str, display_name: str) -> Claim:
+        """Claim ``request_id`` for ``new_user_id``, or return the live claim an earlier attempt made."""
+        created = now()
+        doc: Document = {
+            "_id": request_id.lower(), "user_id": new_user_id, "email": email, "display_name": display_name,
+            "create_time": created, "expires_at": created + self._window,
+        }
+        try:
+            await self._claims.insert(doc)
+        except DuplicateKeyError:
+            # The TTL sweep runs now and then: an expired claim may still be stored; replace it.
+            await self._claims.delete_one({"_id": doc["_id"], "expires_at": {"$lte": created}})
+            existing = await self._claims.get(doc["_id"])
+            if existing is None:
+                return await self.claim(request_id, new_user_id, email, display_name)
+            return Claim(existing["user_id"], existing["email"], existing["display_name"], fresh=False)
+        return Claim(new_user_id, email, display_name, fresh=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from datetime import UTC, timedelta
 from typing import Any
@@ -19,22 +20,29 @@ from google.protobuf import json_format
 
 from services.runtime import auth
 from services.runtime.counters import Counters
-from services.runtime.errors import Aborted, InvalidArgument, NotFound, ResourceExhausted, Unauthenticated
+from services.runtime.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from services.runtime.events import EventBus, Job, Outbox, fact_id, make_envelope, stop_if_cancelled, stream_of
 from services.runtime.fieldmask import apply_update_mask
 from services.runtime.settings import ServiceName, Settings
 from services.runtime.storage import CollectionSpec, Document, DocumentStore, IndexSpec
 from services.runtime.timeutil import now, to_timestamp
 from services.user.passwords import Passwords
-from services.user.repository import PROFILE_FIELDS, UserRepository, profile_etag
+from services.user.repository import PROFILE_FIELDS, IdRetired, Registrations, UserRepository, profile_etag
 from services.user.tokens import IssuedTokens, TokenService
 
 SERVICE = "fittracker.user.v1.UserService"
 PUBLIC_METHODS = frozenset(f"/{SERVICE}/{m}" for m in ("Register", "Login", "RefreshToken", "GetJwks"))
-#: Register ids derive from the client's request id, so a retried Register finds its first result.
-REQUEST_ID_NAMESPACE = uuid.UUID("6f1c2a52-4c55-4d0e-9a43-2b7f1f0c9e11")
 PREFERENCE_FIELDS = ("unit_system", "goals", "notifications", "time_zone")
 INVALID_LOGIN = "email or password is incorrect"
+#: Set by the edge (tools/envoy_config.py) to the client address it determined.
+CLIENT_ADDRESS_HEADER = "x-fittracker-client-address"
 #: The services holding user data: each answers UserDeleted with DataErased.
 ERASING_SERVICES: tuple[ServiceName, ...] = ("workout", "ai", "notification", "analytics")
 #: The consumer group of the user service (it consumes DataErased).
@@ -67,6 +75,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         self,
         settings: Settings,
         users: UserRepository,
+        registrations: Registrations,
         tokens: TokenService,
         passwords: Passwords,
         counters: Counters,
@@ -77,6 +86,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         """Take every dependency from the caller (built once at start)."""
         self._settings = settings
         self._users = users
+        self._registrations = registrations
         self._tokens = tokens
         self._passwords = passwords
         self._counters = counters
@@ -92,15 +102,19 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
     ) -> user_service_pb2.RegisterResponse:
         """Create an account (idempotent under request_id) and sign it in."""
         email = request.email.strip().lower()
-        user_id = (
-            uuid.uuid5(REQUEST_ID_NAMESPACE, request.request_id).hex if request.request_id else uuid.uuid4().hex
-        )
+        display_name = request.display_name.strip()
+        user_id = uuid.uuid4().hex
+        if request.request_id:
+            claim = await self._registrations.claim(request.request_id, user_id, email, display_name)
+            if not claim.fresh and (claim.email, claim.display_name) != (email, display_name):
+                raise InvalidArgument.field("request_id", "was already used by a different request")
+            user_id = claim.user_id
         created_at = now()
         doc: Document = {
             "_id": user_id,
             "email": email,
             "password_hash": await self._passwords.hash(request.password),
-            "display_name": request.display_name.strip(),
+            "display_name": display_name,
             "birth_date": "",
             "height_cm": 0.0,
             "weight_kg": 0.0,
@@ -111,7 +125,13 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
             "create_time": created_at,
             "update_time": created_at,
         }
-        stored, created = await self._users.create(doc)
+        try:
+            stored, created = await self._users.create(doc)
+        except IdRetired:
+            # A replay of a request whose account was deleted since: it must not come back.
+            raise FailedPrecondition(
+                "the account this request_id created has been deleted; register with a new request_id"
+            ) from None
         if not created and not await self._passwords.verify(stored["password_hash"], request.password):
             # A replayed request id with another password must not hand out the account.
             raise InvalidArgument.field("request_id", "was already used by a different request")
@@ -207,7 +227,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         saga = await self._deletions.begin(user_id)
         await self._tokens.revoke_user(user_id)
         await self._users.delete(user_id)
-        await self._deletions.announce(saga)
+        self._deletions.announce_later(saga)
         return user_service_pb2.DeleteUserResponse()
 
     # --- preferences ------------------------------------------------------------------------
@@ -299,7 +319,11 @@ class DeletionSaga:
 
     A saga document in ``deletions`` goes through three states:
 
-    - ``deleting``: written before anything is deleted, with a new deletion_request_id;
+    - ``deleting``: written before anything is deleted, with a new deletion_request_id. The
+      account's tokens are revoked and the account deleted; UserDeleted waits ``erasure_delay``
+      seconds, so that every call that passed the token check before the revocation reached its
+      replica (the revocation bound plus the longest call) has finished writing before the
+      services erase: a write racing the deletion is erased with the rest;
     - ``erasing``: the account is gone and UserDeleted is in the outbox (event id
       ``fact_id("user.deleted", user_id, deletion_request_id)``), so the relay publishes it;
     - ``complete``: every service in ``expected_services`` answered with DataErased
@@ -329,6 +353,7 @@ class DeletionSaga:
         outbox: Outbox,
         *,
         expected_services: tuple[str, ...] = ERASING_SERVICES,
+        erasure_delay_seconds: float = 0.0,
         recover_after_seconds: float = 120.0,
         recover_interval_seconds: float = 30.0,
     ) -> None:
@@ -338,8 +363,11 @@ class DeletionSaga:
         self._users = users
         self._outbox = outbox
         self._expected = expected_services
-        self._recover_after = timedelta(seconds=recover_after_seconds)
+        self._erasure_delay = erasure_delay_seconds
+        # Never before the delayed announcement was due: recovery must not cut the delay short.
+        self._recover_after = timedelta(seconds=max(recover_after_seconds, 2 * erasure_delay_seconds))
         self._recover_interval = recover_interval_seconds
+        self._due: asyncio.Queue[tuple[float, Document]] = asyncio.Queue()
 
     async def ensure(self) -> None:
         """Create the collection's indexes."""
@@ -364,6 +392,22 @@ class DeletionSaga:
         }
         await self._sagas.insert(saga)
         return saga
+
+    def announce_later(self, saga: Document) -> None:
+        """Announce ``saga`` once the erasure delay has passed (``announcer`` does it)."""
+        self._due.put_nowait((time.monotonic() + self._erasure_delay, saga))
+
+    async def announcer(self) -> None:
+        """Background job: announce sagas as their delay ends (one delay for all, so in order)."""
+        while True:
+            due, saga = await self._due.get()
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            try:
+                await self.announce(saga)
+            except Exception:
+                # Still ``deleting`` with the account gone: ``recover`` announces it later.
+                log.exception("announcing a deletion failed; recovery will retry",
+                              extra={"fields": {"deletion_request_id": saga["_id"]}})
 
     async def announce(self, saga: Document) -> None:
         """Put UserDeleted in the outbox and move the saga to ``erasing``; idempotent."""
@@ -447,10 +491,13 @@ def _token_pair(issued: IssuedTokens) -> user_pb2.TokenPair:
 
 
 def _client_address(context: Context) -> str:
-    """The caller's address: the edge's X-Forwarded-For first hop when present, else the peer."""
+    """The caller's address as the edge saw it, else the peer (a direct call inside the mesh).
+
+    Never X-Forwarded-For: its first entries are whatever the client wrote, so trusting them let
+    anyone dodge the per-address lock-out, or lock a victim's address out.
+    """
     for key, value in context.invocation_metadata() or ():
-        if key == "x-forwarded-for":
-            text = value.decode() if isinstance(value, bytes) else value
-            return text.split(",")[0].strip()
+        if key == CLIENT_ADDRESS_HEADER:
+            return value.decode() if isinstance(value, bytes) else value
     peer = context.peer() or "unknown"
     return peer.rsplit(":", 1)[0]

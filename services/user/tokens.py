@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from services.runtime.auth import ALGORITHM, key_id
 from services.runtime.errors import Unauthenticated
+from services.runtime.revocation import Revocations
 from services.runtime.storage import CollectionSpec, DocumentStore, IndexSpec
 from services.runtime.timeutil import now as utc_now
 
@@ -65,6 +66,7 @@ class TokenService:
     def __init__(
         self,
         store: DocumentStore,
+        revocations: Revocations,
         signing_key: ec.EllipticCurvePrivateKey,
         *,
         issuer: str,
@@ -74,6 +76,7 @@ class TokenService:
     ) -> None:
         """Sign with ``signing_key``; keep sessions and refresh digests in ``store``."""
         self._store = store
+        self._revocations = revocations
         self._sessions = store.collection(SESSIONS)
         self._refresh = store.collection(REFRESH_TOKENS)
         self._key = signing_key
@@ -121,12 +124,14 @@ class TokenService:
         return None if known is None else await self._sessions.get(known["session_id"])
 
     async def revoke_session(self, session_id: str) -> None:
-        """End a session: its refresh tokens stop working at once."""
+        """End a session: its refresh tokens at once, its access tokens within the revocation bound."""
+        await self._revocations.revoke_session(session_id)
         await self._sessions.update_one({"_id": session_id}, {"$set": {"revoked": True}})
         await self._refresh.delete_many({"session_id": session_id})
 
     async def revoke_user(self, user_id: str) -> None:
-        """End every session of a user and forget their tokens."""
+        """End every session of a user (being deleted) and forget their tokens."""
+        await self._revocations.revoke_user(user_id)
         await self._refresh.delete_many({"user_id": user_id})
         await self._sessions.delete_many({"user_id": user_id})
 

@@ -27,7 +27,7 @@ async def build(settings: Settings, resources: Resources) -> ServiceDefinition:
     outbox = Outbox(resources.store, resources.events)
     await outbox.ensure()
     completer = Completer(sessions, records, outbox, catalog)
-    servicer = WorkoutService(catalog, routines, sessions, records, completer)
+    servicer = WorkoutService(catalog, routines, sessions, records, completer, resources.page_tokens)
     erase_deleted_users = resources.events.consumer(
         GROUP, [stream_of("user")], UserDeletedHandler(routines, sessions, records, outbox), resources.store
     )

@@ -12,12 +12,11 @@ import grpc
 from fittracker.common.v1 import fitness_pb2
 from fittracker.workout.v1 import workout_pb2, workout_service_pb2, workout_service_pb2_grpc
 
-from services.runtime import auth
+from services.runtime import auth, paging
 from services.runtime.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from services.runtime.fieldmask import apply_update_mask
 from services.runtime.storage import Document, DuplicateKeyError
 from services.runtime.timeutil import from_timestamp, now, to_timestamp
-from services.workout import paging
 from services.workout.catalog import Catalog, fold
 from services.workout.completion import Completer
 from services.workout.errors import QuotaExceeded, UnknownExercise
@@ -229,8 +228,10 @@ class WorkoutService(workout_service_pb2_grpc.WorkoutServiceServicer):
         sessions: SessionRepository,
         records: RecordRepository,
         completer: Completer,
+        pages: paging.PageTokens,
     ) -> None:
         """Take every dependency from the caller (built once at start)."""
+        self._pages = pages
         self._catalog = catalog
         self._routines = routines
         self._sessions = sessions
@@ -250,7 +251,7 @@ class WorkoutService(workout_service_pb2_grpc.WorkoutServiceServicer):
             muscle_group=request.muscle_group, equipment=request.equipment,
             movement_pattern=request.movement_pattern, query=request.query,
         )
-        after = paging.decode(request.page_token, query)
+        after = self._pages.decode(request.page_token, query)
         keys = [(e.sort_key, e.name) for e in matching]
         start = 0 if after is None else bisect.bisect_right(keys, (str(after[0]), str(after[-1])))
         size = paging.page_size(request.page_size, DEFAULT_EXERCISE_PAGE)
@@ -258,7 +259,7 @@ class WorkoutService(workout_service_pb2_grpc.WorkoutServiceServicer):
         more = start + size < len(matching)
         return workout_service_pb2.ListExercisesResponse(
             exercises=[e.exercise for e in page],
-            next_page_token=paging.encode(query, [page[-1].sort_key, page[-1].name]) if more and page else "",
+            next_page_token=self._pages.encode(query, [page[-1].sort_key, page[-1].name]) if more and page else "",
             total_size=len(matching),
         )
 
@@ -335,11 +336,11 @@ class WorkoutService(workout_service_pb2_grpc.WorkoutServiceServicer):
         (user_segment,) = _segments(request.parent)
         user_id = _owner(user_segment, request.parent)
         query = paging.fingerprint("routines", user_id)
-        after = _time_key(paging.decode(request.page_token, query))
+        after = _time_key(self._pages.decode(request.page_token, query))
         size = paging.page_size(request.page_size, DEFAULT_ROUTINE_PAGE)
         docs = await self._routines.page(user_id, after, size + 1)
         page, more = docs[:size], len(docs) > size
-        token = paging.encode(query, [page[-1]["update_time"].isoformat(), page[-1]["_id"]]) if more else ""
+        token = self._pages.encode(query, [page[-1]["update_time"].isoformat(), page[-1]["_id"]]) if more else ""
         return workout_service_pb2.ListRoutinesResponse(routines=[_to_routine(d) for d in page], next_page_token=token)
 
     async def UpdateRoutine(  # noqa: N802
@@ -478,11 +479,11 @@ class WorkoutService(workout_service_pb2_grpc.WorkoutServiceServicer):
         if request.state:
             flt["state"] = workout_pb2.SessionState.Name(request.state)
         query = paging.fingerprint("sessions", user_id, {k: v.isoformat() for k, v in bounds.items()}, request.state)
-        after = _time_key(paging.decode(request.page_token, query))
+        after = _time_key(self._pages.decode(request.page_token, query))
         size = paging.page_size(request.page_size, DEFAULT_SESSION_PAGE)
         docs = await self._sessions.page(user_id, flt, after, size + 1)
         page, more = docs[:size], len(docs) > size
-        token = paging.encode(query, [page[-1]["start_time"].isoformat(), page[-1]["_id"]]) if more else ""
+        token = self._pages.encode(query, [page[-1]["start_time"].isoformat(), page[-1]["_id"]]) if more else ""
         return workout_service_pb2.ListSessionsResponse(sessions=[_to_session(d) for d in page], next_page_token=token)
 
     # --- sets ---------------------------------------------------------------------------------------
@@ -641,11 +642,11 @@ class WorkoutService(workout_service_pb2_grpc.WorkoutServiceServicer):
         if request.kind:
             flt["kind"] = fitness_pb2.PersonalRecordKind.Name(request.kind)
         query = paging.fingerprint("records", user_id, request.exercise, request.kind)
-        after = paging.decode(request.page_token, query)
+        after = self._pages.decode(request.page_token, query)
         size = paging.page_size(request.page_size, DEFAULT_RECORD_PAGE)
         docs = await self._records.page(user_id, flt, str(after[0]) if after else None, size + 1)
         page, more = docs[:size], len(docs) > size
         return workout_service_pb2.ListPersonalRecordsResponse(
             personal_records=[_to_record(d) for d in page],
-            next_page_token=paging.encode(query, [page[-1]["sort_key"]]) if more else "",
+            next_page_token=self._pages.encode(query, [page[-1]["sort_key"]]) if more else "",
         )

@@ -333,7 +333,7 @@ def test_bad_frames_name_the_field(change: object, field: str) -> None:
 async def test_a_stream_past_its_limit_is_out_of_range() -> None:
     # The limit is an hour of frames; the handler takes a smaller one so the test stays quick.
     recording = k.squat(reps=1)
-    service = AiService(None, None, max_stream_frames=20)  # type: ignore[arg-type]  # form analysis needs neither
+    service = AiService(None, None, None, max_stream_frames=20)  # type: ignore[arg-type]  # form analysis needs neither
 
     async def requests() -> AsyncIterator[ai_service_pb2.StreamFormAnalysisRequest]:
         yield ai_service_pb2.StreamFormAnalysisRequest(config=recording.config(SQUAT))

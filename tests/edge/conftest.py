@@ -263,6 +263,10 @@ SERVICE_ENV = {
     # NOT_SERVING this long before the port closes: room for Envoy's checks (1 s x 2) on a busy box.
     "FITTRACKER_DRAIN_NOTICE_SECONDS": "4",
     "FITTRACKER_LOG_LEVEL": "WARNING",
+    # Revocations reach every replica within 0.2 s; no test call runs longer than the 2 s erasure
+    # delay, so erasure still follows every write a deleted account made (the rule it stands for).
+    "FITTRACKER_REVOCATION_POLL_SECONDS": "0.2",
+    "FITTRACKER_ERASURE_DELAY_SECONDS": "2",
 }
 #: Quotas far above what the session sends from one address and user (the kill-replica load
 #: included): here they must never bite; tests/edge/test_rate_limits.py has a stack with small ones.

@@ -66,6 +66,54 @@ async def test_register_is_idempotent_under_a_request_id(user_api: UserApi) -> N
     assert field_violations(err.value) == ["request_id"]
 
 
+async def test_a_request_id_never_hands_over_an_account(user_api: UserApi) -> None:
+    """Ids are the server's: another payload under the same request id, or a replay after deletion, gets nothing."""
+    request_id = str(uuid.uuid4())
+    first = await user_api.stub.Register(user_service_pb2.RegisterRequest(
+        email=f"{uuid.uuid4().hex[:8]}@example.com", password="pass phrase 1234", display_name="D",
+        request_id=request_id,
+    ))
+    other = await user_api.stub.Register(user_service_pb2.RegisterRequest(
+        email=f"{uuid.uuid4().hex[:8]}@example.com", password="pass phrase 1234", display_name="D",
+        request_id=str(uuid.uuid4()),
+    ))
+    assert other.user.name != first.user.name
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await user_api.stub.Register(user_service_pb2.RegisterRequest(
+            email=f"{uuid.uuid4().hex[:8]}@example.com", password="pass phrase 1234", display_name="E",
+            request_id=request_id,
+        ))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(err.value) == ["request_id"]
+
+    await user_api.stub.DeleteUser(
+        user_service_pb2.DeleteUserRequest(name="users/me"), metadata=bearer(first.tokens.access_token)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await user_api.stub.Register(user_service_pb2.RegisterRequest(
+            email=first.user.email, password="pass phrase 1234", display_name="D", request_id=request_id,
+        ))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # Without the request id the same email is simply a new account, with a new id.
+    again = await user_api.stub.Register(user_service_pb2.RegisterRequest(
+        email=first.user.email, password="pass phrase 1234", display_name="D",
+    ))
+    assert again.user.name != first.user.name
+
+
+async def test_logout_ends_the_access_token_too(user_api: UserApi) -> None:
+    account = await user_api.register()
+    auth = bearer(account.tokens.access_token)
+    await user_api.stub.GetUser(user_service_pb2.GetUserRequest(name="users/me"), metadata=auth)
+    await user_api.stub.Logout(
+        user_service_pb2.LogoutRequest(refresh_token=account.tokens.refresh_token), metadata=auth
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await user_api.stub.GetUser(user_service_pb2.GetUserRequest(name="users/me"), metadata=auth)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "session has ended" in (err.value.details() or "")
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [
@@ -289,7 +337,8 @@ async def test_deleting_an_account_removes_it_and_its_sessions(user_api: UserApi
     await user_api.stub.DeleteUser(user_service_pb2.DeleteUserRequest(name="users/me"), metadata=auth)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await user_api.stub.GetUser(user_service_pb2.GetUserRequest(name="users/me"), metadata=auth)
-    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # The replica that deleted the account knows at once that its access tokens are void.
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await user_api.stub.RefreshToken(
             user_service_pb2.RefreshTokenRequest(refresh_token=account.tokens.refresh_token)

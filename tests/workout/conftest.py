@@ -24,6 +24,7 @@ from fittracker.workout.v1 import workout_service_pb2_grpc
 
 from services.runtime.auth import load_or_create_signing_key
 from services.runtime.events import BusTuning, EmbeddedBus, EventBus, RedisStreamsBus, stream_of
+from services.runtime.revocation import Revocations, StoreRevocationLog
 from services.runtime.server import RunningService, start_service
 from services.runtime.settings import Settings
 from services.runtime.storage import EmbeddedStore
@@ -114,8 +115,10 @@ async def workout_api(
     settings = settings_for(backend, data_dir, mongo_url, redis_url)
     signing_key = load_or_create_signing_key(settings.keys_dir, allow_create=True)
     token_store = EmbeddedStore(data_dir / "tokens.sqlite3")
-    tokens = TokenService(token_store, signing_key, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
-                          access_ttl=timedelta(minutes=15), refresh_ttl=timedelta(days=1))
+    revocations = Revocations(StoreRevocationLog(token_store), token_ttl_seconds=900, poll_seconds=1)
+    tokens = TokenService(token_store, revocations, signing_key, issuer=settings.jwt_issuer,
+                          audience=settings.jwt_audience, access_ttl=timedelta(minutes=15),
+                          refresh_ttl=timedelta(days=1))
     await tokens.ensure()
     running = await start_service(settings, build)
     redis = aioredis.Redis.from_url(redis_url) if redis_url else None
