@@ -635,7 +635,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--edge-port", type=int, default=int(os.environ.get("FITTRACKER_EDGE_PORT", "8080")))
     parser.add_argument("--admin-port", type=int, default=int(os.environ.get("FITTRACKER_EDGE_ADMIN_PORT", "9901")))
     parser.add_argument("--service", action="append", help="run only this service (repeatable)")
-    parser.add_argument("--cors-origin", action="append", default=[], help="allowed browser origin (repeatable)")
+    parser.add_argument("--cors-origin", type=envoy_config.origins_argument, action="append", default=[],
+                        metavar="ORIGIN[,ORIGIN...]|none",
+                        help=f"allowed browser origin (repeatable; default ${envoy_config.CORS_ORIGINS_ENV}, "
+                             "else the local dev servers)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for everything to serve")
     parser.add_argument("--ip-limit", type=Limit.parse, default=os.environ.get("FITTRACKER_EDGE_IP_LIMIT",
                         str(EdgeOptions.ip_limit)), help="quota per client address: REQUESTS/s|m[,BURST] or off")
@@ -645,6 +648,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         default=os.environ.get("FITTRACKER_EDGE_RATE_LIMIT_REDIS", ""),
                         help="count the quotas in envoyproxy/ratelimit over this Redis (shared by every edge)")
     args = parser.parse_args(argv)
+    try:
+        cors_origins = envoy_config.configured_origins(
+            args.cors_origin, os.environ.get(envoy_config.CORS_ORIGINS_ENV, ""))
+    except ValueError as error:
+        parser.error(f"{envoy_config.CORS_ORIGINS_ENV}: {error}")
 
     stack = Stack(
         args.data_dir if args.data_dir.is_absolute() else ROOT / args.data_dir,
@@ -652,7 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         replicas=args.replicas,
         edge_port=args.edge_port,
         admin_port=args.admin_port,
-        cors_origins=tuple(args.cors_origin) or envoy_config.DEFAULT_CORS_ORIGINS,
+        cors_origins=cors_origins,
         ip_limit=args.ip_limit,
         user_limit=args.user_limit,
         global_rate_limit_redis=args.global_rate_limit,

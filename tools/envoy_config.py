@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, NamedTuple
+from urllib.parse import urlsplit
 
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2
@@ -57,7 +58,16 @@ USER_ID_HEADER = "x-user-id"
 #: The client's address as the edge determined it (the socket peer, or the trusted hop of
 #: X-Forwarded-For behind a load balancer); services count login failures per this address.
 CLIENT_ADDRESS_HEADER = "x-fittracker-client-address"
+#: Browser origins allowed when none are configured: local development servers only (webpack's
+#: and Vite's default ports). A deployment sets its own in CORS_ORIGINS_ENV or with --cors-origin.
 DEFAULT_CORS_ORIGINS = ("http://localhost:3000", "http://localhost:5173")
+#: Comma-separated allowed origins, exactly as browsers send them (``https://app.example``), or
+#: ``none`` when no browser app may call the API.
+CORS_ORIGINS_ENV = "FITTRACKER_EDGE_CORS_ORIGINS"
+#: A cluster without endpoints: allowed preflights are routed to it only because the CORS filter
+#: answers on forwarding routes alone; it answers every one of them, and were one ever to get past
+#: it, it would still find no service here.
+PREFLIGHT_CLUSTER = "cors-preflight"
 MIB = 1024 * 1024
 
 #: JSON reads a CDN (and the apps' HTTP caches) may keep, with their Cache-Control. Each gets a
@@ -449,6 +459,7 @@ _RPC_CODE_OF_HTTP_STATUS = {
     401: 16,  # UNAUTHENTICATED: missing or invalid token
     403: 7,   # PERMISSION_DENIED
     404: 5,   # NOT_FOUND: no such route or method
+    405: 12,  # UNIMPLEMENTED: an OPTIONS that is not a CORS preflight
     413: 8,   # RESOURCE_EXHAUSTED: body over the limit, as gRPC reports an oversized message
     429: 8,   # RESOURCE_EXHAUSTED: edge rate limit
     500: 13,  # INTERNAL
@@ -501,10 +512,62 @@ def _local_reply() -> dict[str, Yaml]:
     return {"mappers": mappers}
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def check_origin(text: str) -> str:
+    """``text`` when it is an origin written as browsers send it in ``Origin``, else ValueError.
+
+    The CORS filter and the preflight routes compare origins exactly, so a trailing slash, a
+    default port or upper case would silently never match: refused here, with the right spelling.
+    """
+    origin = text.strip()
+    parts = urlsplit(origin)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if (parts.scheme not in _DEFAULT_PORTS or not parts.hostname or "*" in origin or port == -1
+            or parts.username is not None or parts.path not in ("", "/") or parts.query or parts.fragment):
+        raise ValueError(f"bad CORS origin {text!r}: expected scheme://host[:port], e.g. https://app.example")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    written = f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, _DEFAULT_PORTS[parts.scheme]) else "")
+    if origin != written:
+        raise ValueError(f"CORS origin {text!r} is never what a browser sends: write {written!r}")
+    return origin
+
+
+def parse_origins(text: str) -> tuple[str, ...]:
+    """Comma-separated origins; ``none`` allows no browser origin at all."""
+    if text.strip().lower() == "none":
+        return ()
+    origins = tuple(check_origin(o) for o in text.split(",") if o.strip())
+    if not origins:
+        raise ValueError("no CORS origin given (write 'none' to allow no browser origin)")
+    return origins
+
+
+def configured_origins(flags: Sequence[tuple[str, ...]], env_value: str) -> tuple[str, ...]:
+    """The --cors-origin flags when given, else CORS_ORIGINS_ENV's value when set, else the dev defaults."""
+    if flags:
+        return tuple(dict.fromkeys(origin for given in flags for origin in given))
+    if env_value.strip():
+        return parse_origins(env_value)
+    return DEFAULT_CORS_ORIGINS
+
+
+def origins_argument(text: str) -> tuple[str, ...]:
+    """The type of --cors-origin: one origin, several separated by commas, or ``none``."""
+    try:
+        return parse_origins(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _cors_policy(origins: Sequence[str]) -> dict[str, Yaml]:
     return _typed(
         "envoy.extensions.filters.http.cors.v3.CorsPolicy",
-        allow_origin_string_match=[{"exact": o} for o in origins],
+        allow_origin_string_match=[{"exact": check_origin(o)} for o in origins],
         allow_methods="GET, POST, PUT, PATCH, DELETE, OPTIONS",
         allow_headers=(
             "authorization, content-type, x-grpc-web, x-user-agent, grpc-timeout, "
@@ -557,7 +620,8 @@ def _jwt_filter(services: Sequence[GrpcService], jwks_path: str) -> dict[str, Ya
                 "jwt_cache_config": {"jwt_cache_size": 1000},
             }},
             rules=rules,
-            bypass_cors_preflight=why("Browsers never send credentials on a preflight.", True),
+            bypass_cors_preflight=why(
+                "Browsers never send credentials on a preflight; no route takes an OPTIONS to a service.", True),
         ),
     }
 
@@ -850,18 +914,78 @@ def _service_routes(service: GrpcService, cluster: str) -> list[Yaml]:
     return routes
 
 
-def _routes(services: Sequence[GrpcService], topology: Topology) -> list[Yaml]:
-    routes: list[Yaml] = []
+#: What the API answers to; OPTIONS is only ever a preflight, which the edge answers itself.
+API_METHODS = "GET, POST, PUT, PATCH, DELETE"
+_OPTIONS: Yaml = {"name": ":method", "string_match": {"exact": "OPTIONS"}}
+#: Skipped on the OPTIONS routes: no API method is an OPTIONS, and the transcoder's 404 for one
+#: would come before the token check that every non-preflight call gets.
+_NO_TRANSCODER: dict[str, Yaml] = {"envoy.filters.http.grpc_json_transcoder": _typed(
+    "envoy.config.route.v3.FilterConfig", disabled=True)}
+
+
+def _options_routes(cors_origins: Sequence[str]) -> list[Yaml]:
+    """OPTIONS never reaches a service, whatever its path, origin, content type or token.
+
+    First in the table, ahead of the gRPC-Web routes that an OPTIONS with a gRPC-Web content type
+    would otherwise match. A preflight from an allowed origin is answered by the CORS filter, which
+    acts on forwarding routes only: its route forwards to PREFLIGHT_CLUSTER, which has no endpoint,
+    and matches exactly what the filter answers (OPTIONS, a listed Origin, a non-empty
+    Access-Control-Request-Method). A preflight from any other origin gets an empty 204 without
+    CORS headers, which the browser reads as a refusal. Any other OPTIONS is an ordinary call
+    (jwt_authn wants a token) that no method accepts: 405.
+    """
+    asked_method: Yaml = {"name": "access-control-request-method", "string_match": {"safe_regex": {"regex": ".+"}}}
+    allowed: list[Yaml] = [
+        {
+            "name": f"cors-preflight {origin}",
+            "match": {"prefix": "/", "headers": [
+                _OPTIONS, {"name": "origin", "string_match": {"exact": origin}}, asked_method,
+            ]},
+            "route": {"cluster": PREFLIGHT_CLUSTER},
+        }
+        for origin in cors_origins
+    ]
+    return [
+        *allowed,
+        why("Preflights from origins not listed: no CORS headers, so the browser refuses the call.", {
+            "name": "cors-preflight",
+            "match": {"prefix": "/", "headers": [
+                _OPTIONS,
+                {"name": "origin", "present_match": True},
+                {"name": "access-control-request-method", "present_match": True},
+            ]},
+            "direct_response": {"status": 204},
+            "typed_per_filter_config": _NO_TRANSCODER,
+        }),
+        why("gRPC(-Web) gets UNIMPLEMENTED: without a body, grpc_web keeps it instead of deriving UNKNOWN from 405.", {
+            "name": "options-grpc",
+            "match": {"prefix": "/", "headers": [_OPTIONS, _GRPC_CONTENT]},
+            "direct_response": {"status": 405},
+            "response_headers_to_add": _headers(("allow", API_METHODS), ("grpc-status", "12"),
+                                                ("grpc-message", "OPTIONS is not a gRPC method")),
+            "typed_per_filter_config": _NO_TRANSCODER,
+        }),
+        {
+            "name": "options",
+            "match": {"prefix": "/", "headers": [_OPTIONS]},
+            "direct_response": {"status": 405, "body": {"inline_string": "method not allowed"}},
+            "response_headers_to_add": _headers(("allow", API_METHODS)),
+            "typed_per_filter_config": _NO_TRANSCODER,
+        },
+    ]
+
+
+def _headers(*pairs: tuple[str, str]) -> list[Yaml]:
+    return [{"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+            for key, value in pairs]
+
+
+def _routes(services: Sequence[GrpcService], topology: Topology, cors_origins: Sequence[str]) -> list[Yaml]:
+    routes: list[Yaml] = _options_routes(cors_origins)
     for service in services:
         cluster = service.cluster(topology)
         if cluster is not None:
             routes += _service_routes(service, cluster)
-    routes.append(why(
-        "Preflights of JSON paths: the CORS filter answers only on a forwarding route; nothing gets past it.",
-        {"name": "cors-preflight",
-         "match": {"prefix": "/", "headers": [{"name": ":method", "string_match": {"exact": "OPTIONS"}}]},
-         "route": {"cluster": sorted(topology)[0]}},
-    ))
     routes.append({"name": "not-found", "match": {"prefix": "/"},
                    "direct_response": {"status": 404, "body": {"inline_string": "no such route"}}})
     return routes
@@ -899,7 +1023,7 @@ def _listener(services: Sequence[GrpcService], topology: Topology, options: Edge
                 "name": "fittracker",
                 "domains": ["*"],
                 "typed_per_filter_config": {"envoy.filters.http.cors": _cors_policy(options.cors_origins)},
-                "routes": _routes(services, topology),
+                "routes": _routes(services, topology, options.cors_origins),
             }],
         },
         http_filters=_http_filters(services, sorted(topology), options),
@@ -999,6 +1123,15 @@ def _cluster(domain: str, replicas: Sequence[Address]) -> dict[str, Yaml]:
     }
 
 
+def _preflight_cluster() -> dict[str, Yaml]:
+    return {
+        "name": PREFLIGHT_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": PREFLIGHT_CLUSTER, "endpoints": []},
+    }
+
+
 def _otel_cluster(endpoint: Address) -> dict[str, Yaml]:
     return {
         "name": "otel-collector",
@@ -1033,6 +1166,8 @@ def build_config(services: Sequence[GrpcService], topology: Topology, options: E
     if unknown:
         raise ValueError(f"the topology names clusters no service of the descriptor set maps to: {unknown}")
     clusters: list[Yaml] = [_cluster(name, topology[name]) for name in sorted(topology)]
+    if options.cors_origins:
+        clusters.append(why("Never reached: see PREFLIGHT_CLUSTER.", _preflight_cluster()))
     if options.otlp_endpoint:
         clusters.append(_otel_cluster(Address.parse(options.otlp_endpoint)))
     if options.rate_limit_service:
@@ -1121,7 +1256,15 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                         help="replicas per domain for the default topology")
     parser.add_argument("--upstream", type=_parse_upstream, action="append", default=[], metavar="DOMAIN=H:P,...",
                         help="replicas of one domain (repeatable); when given, only these domains are served")
-    parser.add_argument("--cors-origin", action="append", default=[], help="allowed browser origin (repeatable)")
+    parser.add_argument("--cors-origin", type=origins_argument, action="append", default=[],
+                        metavar="ORIGIN[,ORIGIN...]|none",
+                        help=f"allowed browser origin (repeatable; default ${CORS_ORIGINS_ENV}, "
+                             f"else {','.join(DEFAULT_CORS_ORIGINS)})")
+    parser.set_defaults(cors_origins_env=env.get(CORS_ORIGINS_ENV, ""))
+    try:
+        configured_origins([], parser.get_default("cors_origins_env"))
+    except ValueError as error:
+        parser.error(f"{CORS_ORIGINS_ENV}: {error}")
     parser.add_argument("--max-request-bytes", type=int, default=1 * MIB)
     parser.add_argument("--rate-limit-rps", type=int, default=number("FITTRACKER_EDGE_RATE_LIMIT_RPS", 5000),
                         help="requests per second the whole edge admits (load shedding); 0 is off")
@@ -1156,7 +1299,7 @@ def options_from(args: argparse.Namespace) -> tuple[Topology, EdgeOptions, list[
         # Relative like the descriptor's path (Envoy run from the repository root), else absolute.
         etag_lua_path=str(ETAG_LUA) if descriptor_path == str(DESCRIPTOR) else str(ROOT / ETAG_LUA),
         jwks_path=os.path.join(keys_dir, "jwks.json"),
-        cors_origins=tuple(args.cors_origin) or DEFAULT_CORS_ORIGINS,
+        cors_origins=configured_origins(args.cors_origin, args.cors_origins_env),
         max_request_bytes=args.max_request_bytes,
         rate_limit_rps=args.rate_limit_rps,
         ip_limit=args.ip_limit,

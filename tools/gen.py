@@ -68,17 +68,28 @@ def run_protoc(args: list[str]) -> None:
         raise SystemExit(f"protoc failed: {' '.join(args[:3])} ...")
 
 
-def ensure_ts_plugin() -> None:
-    """Install the locked npm packages when protoc-gen-es is missing or not the locked version."""
+def _stale_npm_packages() -> list[str]:
+    """The package.json dependencies whose installed version is not the locked one (or is absent)."""
     lock = json.loads((TS_CLIENT / "package-lock.json").read_text())
-    wanted = lock["packages"]["node_modules/@bufbuild/protoc-gen-es"]["version"]
-    installed = TS_CLIENT / "node_modules" / "@bufbuild" / "protoc-gen-es" / "package.json"
-    if TS_PLUGIN.exists() and installed.exists() and json.loads(installed.read_text())["version"] == wanted:
+    root = lock["packages"][""]
+    stale = []
+    for name in sorted({**root.get("dependencies", {}), **root.get("devDependencies", {})}):
+        wanted = lock["packages"][f"node_modules/{name}"]["version"]
+        installed = TS_CLIENT / "node_modules" / name / "package.json"
+        if not installed.exists() or json.loads(installed.read_text())["version"] != wanted:
+            stale.append(f"{name} {wanted}")
+    return stale
+
+
+def ensure_ts_plugin() -> None:
+    """Install the locked npm packages (protoc-gen-es, the test tools) when one is missing or not as locked."""
+    stale = _stale_npm_packages()
+    if TS_PLUGIN.exists() and not stale:
         return
     npm = shutil.which("npm")
     if npm is None:
         raise SystemExit("npm not found: Node 20+ is needed to generate the TypeScript client")
-    print(f"==> npm ci --prefix {TS_CLIENT.relative_to(ROOT)} (protoc-gen-es {wanted})")
+    print(f"==> npm ci --prefix {TS_CLIENT.relative_to(ROOT)} ({', '.join(stale) or 'protoc-gen-es'})")
     subprocess.run([npm, "ci", "--prefix", str(TS_CLIENT), "--no-audit", "--no-fund"], check=True)
 
 

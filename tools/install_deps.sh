@@ -40,6 +40,8 @@ apt_install() {  # apt_install <command> <package>
 
 apt_install redis-server redis-server
 apt_install h2load nghttp2-client
+# The browser test (tests/clients/test_typescript_client.py) drives Debian's Chromium headless.
+apt_install chromium chromium
 
 if ! command -v go >/dev/null 2>&1; then
     export PATH="$PATH:/usr/local/go/bin"

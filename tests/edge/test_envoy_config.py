@@ -159,7 +159,7 @@ def test_topology_leaves_out_domains_it_does_not_name(services: list[envoy_confi
         services, {"user": (Address("10.0.0.7", 50051), Address("user.internal", 50051))}, EdgeOptions()))
 
     clusters = config["static_resources"]["clusters"]
-    assert [c["name"] for c in clusters] == ["user"]
+    assert [c["name"] for c in clusters] == ["user", envoy_config.PREFLIGHT_CLUSTER]
     assert clusters[0]["type"] == "STRICT_DNS"
     transcoded = _filter(config, "envoy.filters.http.grpc_json_transcoder")["typed_config"]["services"]
     assert transcoded == ["fittracker.user.v1.UserService"]

@@ -75,12 +75,17 @@ def _routes_by_prefix(config: Any) -> dict[str, str]:
             for r in hcm["route_config"]["virtual_hosts"][0]["routes"] if "prefix" in r["match"] and "route" in r}
 
 
+def _service_clusters(config: Any) -> list[str]:
+    """The clusters that hold replicas (not the empty one allowed CORS preflights are routed to)."""
+    return [c["name"] for c in config["static_resources"]["clusters"] if c["name"] != envoy_config.PREFLIGHT_CLUSTER]
+
+
 def test_a_v2_runs_in_the_v1_processes_by_default(descriptor: Path) -> None:
     config = _config(descriptor, {"user": (Address("127.0.0.1", 1),)})
 
     routes = _routes_by_prefix(config)
     assert routes[V1_PREFIX] == routes[V2_PREFIX] == "user"
-    assert [c["name"] for c in config["static_resources"]["clusters"]] == ["user"]
+    assert _service_clusters(config) == ["user"]
 
 
 def test_a_v2_deployed_on_its_own_gets_its_own_cluster(descriptor: Path) -> None:
@@ -88,8 +93,7 @@ def test_a_v2_deployed_on_its_own_gets_its_own_cluster(descriptor: Path) -> None
 
     routes = _routes_by_prefix(config)
     assert (routes[V1_PREFIX], routes[V2_PREFIX]) == ("user", "user-v2")
-    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
-    assert set(clusters) == {"user", "user-v2"}
+    assert set(_service_clusters(config)) == {"user", "user-v2"}
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     transcoder = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.grpc_json_transcoder")
     assert {"fittracker.user.v1.UserService", "fittracker.user.v2.UserService"} <= set(

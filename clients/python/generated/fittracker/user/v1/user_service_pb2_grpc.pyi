@@ -42,8 +42,13 @@ class UserServiceStub:
     Register: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.RegisterRequest, _user_service_pb2.RegisterResponse]
     """Creates an account and signs it in.
 
-    Returns INVALID_ARGUMENT when a field breaks its rules, ALREADY_EXISTS when the email is
-    taken. Retrying with the same request_id returns the first answer's account.
+    Returns INVALID_ARGUMENT when a field breaks its rules. It never tells whether the email has
+    an account already: for such an address the caller gets an account of their own that does not
+    hold the address (it signs in with its password like any other), and the address's owner is
+    told by email. Retrying with the same request_id, email, name and password within a day
+    returns the first answer's account (another payload is INVALID_ARGUMENT on request_id, and
+    FAILED_PRECONDITION once that account was deleted); account ids are the server's and are
+    never reused.
     """
     Login: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.LoginRequest, _user_service_pb2.LoginResponse]
     """Exchanges an email and password for a token pair.
@@ -102,8 +107,13 @@ class UserServiceAsyncStub(UserServiceStub):
     Register: _aio.UnaryUnaryMultiCallable[_user_service_pb2.RegisterRequest, _user_service_pb2.RegisterResponse]  # type: ignore[assignment]
     """Creates an account and signs it in.
 
-    Returns INVALID_ARGUMENT when a field breaks its rules, ALREADY_EXISTS when the email is
-    taken. Retrying with the same request_id returns the first answer's account.
+    Returns INVALID_ARGUMENT when a field breaks its rules. It never tells whether the email has
+    an account already: for such an address the caller gets an account of their own that does not
+    hold the address (it signs in with its password like any other), and the address's owner is
+    told by email. Retrying with the same request_id, email, name and password within a day
+    returns the first answer's account (another payload is INVALID_ARGUMENT on request_id, and
+    FAILED_PRECONDITION once that account was deleted); account ids are the server's and are
+    never reused.
     """
     Login: _aio.UnaryUnaryMultiCallable[_user_service_pb2.LoginRequest, _user_service_pb2.LoginResponse]  # type: ignore[assignment]
     """Exchanges an email and password for a token pair.
@@ -165,8 +175,13 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_user_service_pb2.RegisterResponse, _abc.Awaitable[_user_service_pb2.RegisterResponse]]:
         """Creates an account and signs it in.
 
-        Returns INVALID_ARGUMENT when a field breaks its rules, ALREADY_EXISTS when the email is
-        taken. Retrying with the same request_id returns the first answer's account.
+        Returns INVALID_ARGUMENT when a field breaks its rules. It never tells whether the email has
+        an account already: for such an address the caller gets an account of their own that does not
+        hold the address (it signs in with its password like any other), and the address's owner is
+        told by email. Retrying with the same request_id, email, name and password within a day
+        returns the first answer's account (another payload is INVALID_ARGUMENT on request_id, and
+        FAILED_PRECONDITION once that account was deleted); account ids are the server's and are
+        never reused.
         """
 
     @_abc_1.abstractmethod

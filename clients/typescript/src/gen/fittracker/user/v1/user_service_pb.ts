@@ -406,8 +406,13 @@ export const UserService: GenService<{
   /**
    * Creates an account and signs it in.
    *
-   * Returns INVALID_ARGUMENT when a field breaks its rules, ALREADY_EXISTS when the email is
-   * taken. Retrying with the same request_id returns the first answer's account.
+   * Returns INVALID_ARGUMENT when a field breaks its rules. It never tells whether the email has
+   * an account already: for such an address the caller gets an account of their own that does not
+   * hold the address (it signs in with its password like any other), and the address's owner is
+   * told by email. Retrying with the same request_id, email, name and password within a day
+   * returns the first answer's account (another payload is INVALID_ARGUMENT on request_id, and
+   * FAILED_PRECONDITION once that account was deleted); account ids are the server's and are
+   * never reused.
    *
    * @generated from rpc fittracker.user.v1.UserService.Register
    */
