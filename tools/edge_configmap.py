@@ -35,6 +35,8 @@ CLUSTER_ARGS: tuple[str, ...] = (
     "--descriptor-path", str(envoy_config.DESCRIPTOR),
     # The Istio ingress gateway appends the client's address to X-Forwarded-For: trust that one entry.
     "--xff-num-trusted-hops", "1",
+    # The web app's origin; other browser origins are refused by the edge itself.
+    "--cors-origin", "https://app.fittracker.app",
     *(arg for domain, port in envoy_config.BASE_PORTS.items()
       for arg in ("--upstream", f"{domain}={domain}.{NAMESPACE}.svc.cluster.local:{port}")),
 )
@@ -44,7 +46,8 @@ def render() -> dict[str, bytes]:
     """The files of the edge's ConfigMap by name, as they should be committed."""
     with tempfile.TemporaryDirectory() as scratch:
         config = Path(scratch) / "envoy.yaml"
-        envoy_config.main([*CLUSTER_ARGS, "--output", str(config)])
+        # No environment: what is committed must not depend on the shell that ran `make gen`.
+        envoy_config.main([*CLUSTER_ARGS, "--output", str(config)], env={})
         rendered = config.read_bytes()
     return {
         "envoy.yaml": rendered,

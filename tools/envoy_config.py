@@ -1311,9 +1311,9 @@ def options_from(args: argparse.Namespace) -> tuple[Topology, EdgeOptions, list[
     return topology, options, services
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: ``python tools/envoy_config.py [--check] [options]``."""
-    args = _parser(os.environ).parse_args(argv)
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    """Entry point: ``python tools/envoy_config.py [--check] [options]``; ``env`` defaults to the process's."""
+    args = _parser(os.environ if env is None else env).parse_args(argv)
     if args.check:
         # The committed file is the default rendering, whatever the environment or other flags say.
         topology, options, services = options_from(_parser({}).parse_args([]))
