@@ -10,7 +10,7 @@ BUF    := $(VENV)/bin/buf
 export PYTHONPATH := $(CURDIR):$(CURDIR)/clients/python/generated
 export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/.cache/bin:/usr/local/go/bin:$(PATH)
 
-.PHONY: help venv lock lock-check deps gen check-gen lint buf-lint buf-breaking typecheck test test-fast up loadtest bench image image-test render-dev render-prod clean
+.PHONY: help venv lock lock-check deps gen check-gen lint buf-lint buf-breaking typecheck test test-fast fuzz up loadtest bench image image-test render-dev render-prod clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -74,6 +74,11 @@ test: lock-check deps check-gen lint buf-breaking typecheck ## Run every check a
 
 test-fast: venv ## Only the tests, skipping the static checks
 	@$(PY) -m pytest -x -q
+
+FUZZ_EXAMPLES ?= 200
+fuzz: venv deps ## Fuzz every RPC through the edge (JSON) and the replicas (gRPC); FUZZ_EXAMPLES=200 per RPC
+	@echo "==> fuzz: $(FUZZ_EXAMPLES) examples per RPC and protocol"
+	@FITTRACKER_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -v --timeout=0 tests/edge/test_fuzz.py
 
 up: venv ## Run Envoy and all services locally on the embedded store (Ctrl-C stops everything)
 	@$(PY) tools/devstack.py

@@ -488,19 +488,25 @@ def _local_reply() -> dict[str, Yaml]:
         return {"json_format": {"code": code, "message": "%LOCAL_REPLY_BODY%", "request_id": "%REQ(X-REQUEST-ID)%"}}
 
     as_is: Yaml = {"text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"}}
-    grpc_web_quota: Yaml = {"and_filter": {"filters": [grpc_client, status_is("EQ", 429)]}}
+    def grpc_reply(status: int, grpc_status: int, message: str) -> Yaml:
+        return {
+            "filter": {"and_filter": {"filters": [grpc_client, status_is("EQ", status)]}},
+            "status_code": 200,
+            "headers_to_add": [
+                {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                for key, value in (("content-type", "application/grpc"), ("grpc-status", str(grpc_status)),
+                                   ("grpc-message", message))
+            ],
+            "body_format_override": {"text_format_source": {"inline_string": ""}},
+        }
+
     mappers: list[Yaml] = [
         why("First match wins. A quota reply to gRPC-Web is plain HTTP 429, which grpc_web would turn into "
-            "UNAVAILABLE (retry now): make it the trailers-only gRPC reply native gRPC gets.", {
-                "filter": grpc_web_quota,
-                "status_code": 200,
-                "headers_to_add": [
-                    {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
-                    for key, value in (("content-type", "application/grpc"), ("grpc-status", "8"),
-                                       ("grpc-message", "rate limited"))
-                ],
-                "body_format_override": {"text_format_source": {"inline_string": ""}},
-            }),
+            "UNAVAILABLE (retry now): make it the trailers-only gRPC reply native gRPC gets.",
+            grpc_reply(429, 8, "rate limited")),
+        why("A body over the buffer limit (413) would reach gRPC callers as UNKNOWN: RESOURCE_EXHAUSTED, as "
+            "a replica reports an oversized message.",
+            grpc_reply(413, 8, "request message larger than the edge accepts")),
         why("gRPC callers keep their reply as is (status in grpc-status, grpc-message).",
             {"filter": grpc_client, "body_format_override": as_is}),
     ]
@@ -712,12 +718,46 @@ def _http_filters(services: Sequence[GrpcService], clusters: Sequence[str], opti
                 "envoy.extensions.filters.http.buffer.v3.Buffer", max_request_bytes=options.max_request_bytes
             ),
         }),
+        why("After the buffer, which holds the whole body: a body that ends inside a message frame would "
+            "leave the replica waiting for the rest until the deadline; refuse it at once.", {
+                "name": GRPC_FRAMING_FILTER,
+                "typed_config": _typed(
+                    "envoy.extensions.filters.http.lua.v3.Lua",
+                    stat_prefix="grpc_framing",
+                    default_source_code={"inline_string": _GRPC_FRAMING_LUA},
+                ),
+            }),
         {
             "name": "envoy.filters.http.router",
             "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router"),
         },
     ]
     return filters
+
+
+GRPC_FRAMING_FILTER = "fittracker.grpc_framing"
+#: Walks the length-prefixed frames of a buffered gRPC request (gRPC-Web is gRPC by now) and answers
+#: INVALID_ARGUMENT when the last frame is cut short. Transcoded JSON calls were framed by Envoy.
+_GRPC_FRAMING_LUA = """
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  local content_type = headers:get("content-type") or ""
+  if content_type:sub(1, 16) ~= "application/grpc" or headers:get("x-envoy-original-path") ~= nil then
+    return
+  end
+  local body = handle:body()
+  local size = body and body:length() or 0
+  local offset = 0
+  while offset + 5 <= size do
+    local b1, b2, b3, b4 = string.byte(body:getBytes(offset + 1, 4), 1, 4)
+    offset = offset + 5 + ((b1 * 256 + b2) * 256 + b3) * 256 + b4
+  end
+  if offset ~= size then
+    handle:respond({[":status"] = "200", ["content-type"] = "application/grpc", ["grpc-status"] = "3",
+                    ["grpc-message"] = "request body ends inside a gRPC message frame"}, "")
+  end
+end
+"""
 
 
 def _quota_rules(options: EdgeOptions) -> list[Yaml]:
@@ -874,6 +914,7 @@ def _service_routes(service: GrpcService, cluster: str) -> list[Yaml]:
             per_filter["envoy.filters.http.buffer"] = _typed(
                 "envoy.extensions.filters.http.buffer.v3.BufferPerRoute", disabled=True
             )
+            per_filter[GRPC_FRAMING_FILTER] = _typed("envoy.extensions.filters.http.lua.v3.LuaPerRoute", disabled=True)
         else:
             route["retry_policy"] = _retry_policy(streaming=True)
         entry: dict[str, Yaml] = {

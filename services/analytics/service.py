@@ -123,8 +123,8 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         self, request: analytics_service_pb2.ListPersonalRecordTimelineRequest, context: Context
     ) -> analytics_service_pb2.ListPersonalRecordTimelineResponse:
         """Records newest first, paged with a token that carries the last (time, id) and the filters."""
-        start = from_timestamp(request.start_time) if request.HasField("start_time") else None
-        end = from_timestamp(request.end_time) if request.HasField("end_time") else None
+        start = from_timestamp(request.start_time, "start_time") if request.HasField("start_time") else None
+        end = from_timestamp(request.end_time, "end_time") if request.HasField("end_time") else None
         if start is not None and end is not None and end <= start:
             raise InvalidArgument.field("end_time", "must be after start_time")
         user_id, _ = await self._owned(request.parent.removeprefix("users/"))
@@ -165,8 +165,8 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
     ) -> analytics_pb2.ExerciseTrend:
         """Trend points grouped from the exercise's month documents that overlap the range."""
         _, segment, _, exercise_id = request.name.split("/")
-        start = from_timestamp(request.start_time)
-        end = from_timestamp(request.end_time) if request.HasField("end_time") else self._clock()
+        start = from_timestamp(request.start_time, "start_time")
+        end = from_timestamp(request.end_time, "end_time") if request.HasField("end_time") else self._clock()
         if end <= start:
             raise InvalidArgument.field("end_time", "must be after start_time")
         granularity = request.granularity or analytics_pb2.GRANULARITY_WEEK
@@ -214,7 +214,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         self, request: analytics_service_pb2.GetPeriodReportRequest, context: Context
     ) -> analytics_pb2.PeriodReport:
         """Sums over the month documents of both periods and the records of this one."""
-        start, end = from_timestamp(request.start_time), from_timestamp(request.end_time)
+        start, end = from_timestamp(request.start_time, "start_time"), from_timestamp(request.end_time, "end_time")
         if end <= start:
             raise InvalidArgument.field("end_time", "must be after start_time")
         if end - start > MAX_PERIOD:

@@ -21,7 +21,7 @@ from grpc_status import rpc_status
 from opentelemetry import trace
 
 from services.runtime import auth
-from services.runtime.errors import DeadlineExceeded, DomainError, Unauthenticated
+from services.runtime.errors import DeadlineExceeded, DomainError, InvalidArgument, Unauthenticated
 from services.runtime.observability import AccessLog, Metrics, monotonic
 from services.runtime.revocation import Revocations
 from services.runtime.validation import RequestValidator
@@ -114,7 +114,7 @@ class CallPipeline(grpc.aio.ServerInterceptor):
             metrics=self._metrics,
         )
         public = method in self._public
-        des, ser = handler.request_deserializer, handler.response_serializer
+        des, ser = _tolerant(handler.request_deserializer), handler.response_serializer
         if handler.unary_unary is not None:
             inner = cast(Unary, handler.unary_unary)
 
@@ -158,8 +158,8 @@ class CallPipeline(grpc.aio.ServerInterceptor):
             deadline = self._check_deadline(context)
             deadline_token = call_deadline.set(deadline)
             principal_token = auth.set_principal(self._authenticate(context, public))
-            if isinstance(request, Message):
-                self._validator.check(request)
+            if not isinstance(request, AsyncIterator):  # a stream's messages are checked one by one
+                self._check_request(request)
             # No handler outlives its deadline (capped at the longest one): the deletion saga's
             # erasure delay relies on every write that passed the token check ending by then.
             budget = asyncio.timeout(deadline)
@@ -198,7 +198,7 @@ class CallPipeline(grpc.aio.ServerInterceptor):
             self._check_deadline(context)
             principal_token = auth.set_principal(self._authenticate(context, public))
             if not streamed_request:
-                self._validator.check(request)
+                self._check_request(request)
             async for item in inner(request, context):
                 yield item
         except BaseException as error:
@@ -212,8 +212,13 @@ class CallPipeline(grpc.aio.ServerInterceptor):
 
     async def _validated(self, requests: AsyncIterator[Message]) -> AsyncIterator[Message]:
         async for request in requests:
-            self._validator.check(request)
+            self._check_request(request)
             yield request
+
+    def _check_request(self, request: Any) -> None:
+        if isinstance(request, Undecodable):
+            raise InvalidArgument.field("request", f"is not a valid {request.type_name} in protobuf wire format")
+        self._validator.check(request)
 
     def _check_deadline(self, context: Context) -> float:
         remaining = context.time_remaining()
@@ -270,6 +275,38 @@ class CallPipeline(grpc.aio.ServerInterceptor):
             self._access_log.write(
                 f"{stats.service}/{stats.name}", code.name, elapsed, principal.user_id if principal else None
             )
+
+
+class Undecodable:
+    """Stands in for a request whose bytes do not parse as its message type.
+
+    gRPC would answer a deserializer's exception with UNKNOWN and the exception's class in the
+    message; handing the pipeline this marker instead lets it answer INVALID_ARGUMENT, after
+    authentication like any other bad request.
+    """
+
+    __slots__ = ("type_name",)
+
+    def __init__(self, type_name: str) -> None:
+        """``type_name`` is the full name of the message type the bytes should have been."""
+        self.type_name = type_name
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserialize``, returning an Undecodable for bytes that are not the request type."""
+    if deserialize is None:
+        return None
+    owner = getattr(deserialize, "__self__", None)  # Request.FromString, bound to the message class
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    type_name = descriptor.full_name if descriptor is not None else "request message"
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:  # whatever the parser refuses is the caller's malformed request
+            return Undecodable(type_name)
+
+    return parse
 
 
 def _is_abort(error: BaseException) -> bool:

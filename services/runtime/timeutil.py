@@ -6,6 +6,8 @@ from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from services.runtime.errors import InvalidArgument
+
 
 def now() -> datetime:
     """The current UTC time truncated to milliseconds, so a stored value reads back equal."""
@@ -22,6 +24,16 @@ def to_timestamp(value: datetime | None) -> Timestamp | None:
     return stamp
 
 
-def from_timestamp(stamp: Timestamp) -> datetime:
-    """A UTC datetime for a protobuf Timestamp."""
-    return stamp.ToDatetime(tzinfo=UTC)
+def from_timestamp(stamp: Timestamp, field: str | None = None) -> datetime:
+    """A UTC datetime for a protobuf Timestamp.
+
+    A Timestamp can hold what no datetime can (nanos outside [0, 1e9), years outside 1-9999).
+    For a request field, named by ``field``, that is the caller's mistake: InvalidArgument naming
+    it, never an INTERNAL. Without ``field`` it stays the ValueError of stored or internal data.
+    """
+    try:
+        return stamp.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError) as error:
+        if field is None:
+            raise ValueError(f"timestamp {stamp.seconds}s {stamp.nanos}ns is out of range") from error
+        raise InvalidArgument.field(field, "is not a valid timestamp (years 1-9999, nanos 0-999999999)") from None

@@ -17,9 +17,14 @@ One deliberate difference: ``enum.defined_only`` is checked on repeated items an
 keys/values too, as the protovalidate specification and its Go/Java/C++ implementations do;
 protovalidate-python 1.2 silently skips it there.
 
+Timestamps and durations are compared as protovalidate-python 1.2 compares them: converted to
+whole microseconds (nanos floored), with ``now`` read once per check. Values outside the range
+Python's datetime can hold, which protovalidate-python cannot convert (it raises), simply compare
+and fail any range rule, so a contract's bounds keep absurd times away from the service code.
+
 Rules without a plain-Python equivalent here (CEL expressions, predefined rule extensions,
-bytes/timestamp/duration/any/field-mask rules, the host/IP/URI string formats, ...) raise
-``UnsupportedRule`` so the caller validates that message type with protovalidate instead.
+bytes/any/field-mask rules, the host/IP/URI string formats, ...) raise ``UnsupportedRule`` so
+the caller validates that message type with protovalidate instead.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Sized
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any, NamedTuple
 
 from buf.validate import validate_pb2
@@ -81,6 +88,10 @@ _FIELD_TYPE_OF_RULES = {
 }
 _NUMBER_RULES = frozenset({"const", "lt", "lte", "gt", "gte", "in", "not_in", "example"})
 _FLOAT_RULES = _NUMBER_RULES | {"finite"}
+#: The well-known message type each time rule kind applies to.
+_TIME_TYPES = {"timestamp": "google.protobuf.Timestamp", "duration": "google.protobuf.Duration"}
+_TIMESTAMP_RULES = frozenset({"const", "lt", "lte", "gt", "gte", "lt_now", "gt_now", "within", "example"})
+_DURATION_RULES = _NUMBER_RULES
 
 # The string formats whose CEL rule is "empty, or matches this regex" (validate.proto).
 _FORMAT_PATTERNS = {
@@ -118,6 +129,7 @@ _MAP_RULES = frozenset({"min_pairs", "max_pairs", "keys", "values"})
 _FIELD_LEVEL = frozenset({"required", "ignore", "type"})
 
 _REQUIRED: Problem = ("required", "value is required")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _IGNORE_IF_ZERO = validate_pb2.IGNORE_IF_ZERO_VALUE
 _IGNORE_ALWAYS = validate_pb2.IGNORE_ALWAYS
 
@@ -313,16 +325,25 @@ def _out_of_range(
     return shapes[lower, upper, exclusive]
 
 
-def _range_check(kind: str, rules: Any, where: str) -> ValueCheck:
+def _range_check(
+    kind: str, rules: Any, where: str, *, key: Callable[[Any], Any] | None = None,
+    show: Callable[[Any], str] = _format,
+) -> ValueCheck:
     """The one range rule protovalidate evaluates for a combination of lt/lte/gt/gte.
 
     Rule ids and verdicts follow validate.proto: a lower bound above the upper bound means the
     *exclusive* range (``gt: 10, lt: 5`` accepts values outside [5, 10]); NaN always fails.
+    ``key`` maps bounds and values to what is compared (times to microseconds), ``show`` renders
+    a bound in the message.
     """
     lower = "gt" if rules.HasField("gt") else "gte" if rules.HasField("gte") else None
     upper = "lt" if rules.HasField("lt") else "lte" if rules.HasField("lte") else None
+    shown_low = show(getattr(rules, lower)) if lower else ""
+    shown_high = show(getattr(rules, upper)) if upper else ""
     low = getattr(rules, lower) if lower else None
     high = getattr(rules, upper) if upper else None
+    if key is not None:
+        low, high = (key(low) if lower else None), (key(high) if upper else None)
     if any(isinstance(bound, float) and math.isnan(bound) for bound in (low, high)):
         # The CEL rules then pass or fail in ways no sane contract relies on; leave them to CEL.
         raise UnsupportedRule(f"{where}: NaN range bound")
@@ -330,13 +351,98 @@ def _range_check(kind: str, rules: Any, where: str) -> ValueCheck:
         bound = lower or upper
         assert bound is not None
         rule, exclusive = bound, False
-        text = f"must be {_BOUND_WORDS[bound]} {_format(low if lower else high)}"
+        text = f"must be {_BOUND_WORDS[bound]} {shown_low or shown_high}"
     else:
         exclusive = bool(high < low)  # type: ignore[operator]  # both bounds are set here
         joiner = "or" if exclusive else "and"
         rule = f"{lower}_{upper}" + ("_exclusive" if exclusive else "")
-        text = f"must be {_BOUND_WORDS[lower]} {_format(low)} {joiner} {_BOUND_WORDS[upper]} {_format(high)}"
-    return _when(_out_of_range(lower, upper, low, high, exclusive=exclusive), f"{kind}.{rule}", text)
+        text = f"must be {_BOUND_WORDS[lower]} {shown_low} {joiner} {_BOUND_WORDS[upper]} {shown_high}"
+    broken = _out_of_range(lower, upper, low, high, exclusive=exclusive)
+    if key is not None:
+        convert = key
+        compare = broken
+
+        def broken(value: Any) -> bool:
+            return compare(convert(value))
+
+    return _when(broken, f"{kind}.{rule}", text)
+
+
+# --- timestamp and duration rules ----------------------------------------------------------
+
+
+def _micros(value: Any) -> int:
+    """A Timestamp or Duration in whole microseconds, as protovalidate-python converts it (nanos floored)."""
+    return int(value.seconds) * 1_000_000 + int(value.nanos) // 1000
+
+
+def _format_timestamp(value: Any) -> str:
+    """A Timestamp as protovalidate-python renders one: RFC 3339, milliseconds when it has any."""
+    try:
+        stamp = _EPOCH + timedelta(microseconds=_micros(value))
+    except OverflowError as error:  # a bound outside years 1-9999: protovalidate cannot use it either
+        raise UnsupportedRule(f"timestamp bound {value.seconds}s out of range") from error
+    spec = "milliseconds" if stamp.microsecond // 1000 else "auto"
+    return stamp.isoformat(timespec=spec).removesuffix("+00:00") + "Z"
+
+
+def _format_duration(value: Any) -> str:
+    """A Duration in seconds with its fraction ("90s", "1.5s").
+
+    protovalidate-python 1.2 drops whole days from the text (it prints timedelta.seconds), a
+    display bug; this prints the full value, and the differential test keeps its bounds under a day.
+    """
+    whole, micros = divmod(_micros(value), 1_000_000)
+    return f"{whole + Decimal(micros) / Decimal(1_000_000):f}s"
+
+
+def _now_micros() -> int:
+    return _micros_of_datetime(datetime.now(UTC))
+
+
+def _micros_of_datetime(moment: datetime) -> int:
+    delta = moment - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _time_membership(
+    rule_id: str, values: list[Any], show: Callable[[Any], str], *, inside: bool, text: str = ""
+) -> ValueCheck:
+    """``in``, ``not_in`` (and ``const``, a list of one) on times, compared in microseconds."""
+    members = frozenset(_micros(item) for item in values)
+    listed = "[" + ", ".join(show(item) for item in values) + "]"
+    if inside:
+        return _when(lambda v: _micros(v) not in members, rule_id, text or f"must be in list {listed}")
+    return _when(lambda v: _micros(v) in members, rule_id, text or f"must not be in list {listed}")
+
+
+def _far_from_now(span: int) -> Callable[[Any], bool]:
+    return lambda v: abs(_micros(v) - _now_micros()) > span
+
+
+def _time_checks(kind: str, rules: Any, where: str) -> list[ValueCheck]:
+    listed = _supported_fields(rules, _TIMESTAMP_RULES if kind == "timestamp" else _DURATION_RULES, where)
+    show = _format_timestamp if kind == "timestamp" else _format_duration
+    checks: list[ValueCheck] = []
+    range_added = False
+    for name, value in listed:
+        rule_id = f"{kind}.{name}"
+        if name == "const":
+            checks.append(_time_membership(rule_id, [value], show, inside=True, text=f"must equal {show(value)}"))
+        elif name in _BOUND_WORDS:
+            if not range_added:
+                checks.append(_range_check(kind, rules, where, key=_micros, show=show))
+                range_added = True
+        elif name in ("in", "not_in"):
+            checks.append(_time_membership(rule_id, list(value), show, inside=name == "in"))
+        elif name == "lt_now" and value:
+            checks.append(_when(lambda v: _micros(v) > _now_micros(), rule_id, "must be less than now"))
+        elif name == "gt_now" and value:
+            checks.append(_when(lambda v: _micros(v) < _now_micros(), rule_id, "must be greater than now"))
+        elif name == "within":
+            text = f"must be within {_format_duration(value)} of now"
+            checks.append(_when(_far_from_now(_micros(value)), rule_id, text))
+    return checks
 
 
 def _enum_checks(rules: validate_pb2.EnumRules, field: FieldDescriptor, where: str) -> list[ValueCheck]:
@@ -358,6 +464,10 @@ def scalar_checks(field: FieldDescriptor, rules: validate_pb2.FieldRules, where:
     kind = rules.WhichOneof("type")
     if kind is None:
         return []
+    if kind in _TIME_TYPES:
+        if field.message_type is None or field.message_type.full_name != _TIME_TYPES[kind]:
+            raise UnsupportedRule(f"{where}: {kind} rules on a field of another type")
+        return _time_checks(kind, getattr(rules, kind), where)
     expected = _FIELD_TYPE_OF_RULES.get(kind)
     if expected is None:
         raise UnsupportedRule(f"{where}: {kind} rules")

@@ -397,7 +397,7 @@ class WorkoutService(workout_service_pb2_grpc.WorkoutServiceServicer):
             routine = await self._routines.get(user_id, routine_id)
             if routine is None:
                 raise NotFound(f"{request.routine} not found")
-        started = _not_future(from_timestamp(request.start_time), "start_time") if request.HasField(
+        started = _not_future(from_timestamp(request.start_time, "start_time"), "start_time") if request.HasField(
             "start_time") else now()
         time_zone = request.time_zone or "UTC"
         try:
@@ -469,9 +469,9 @@ class WorkoutService(workout_service_pb2_grpc.WorkoutServiceServicer):
         flt: dict[str, Any] = {}
         bounds: dict[str, datetime] = {}
         if request.HasField("start_time"):
-            bounds["$gte"] = from_timestamp(request.start_time)
+            bounds["$gte"] = from_timestamp(request.start_time, "start_time")
         if request.HasField("end_time"):
-            bounds["$lt"] = from_timestamp(request.end_time)
+            bounds["$lt"] = from_timestamp(request.end_time, "end_time")
         if "$gte" in bounds and "$lt" in bounds and bounds["$lt"] <= bounds["$gte"]:
             raise InvalidArgument.field("end_time", "must be after start_time")
         if bounds:
@@ -588,7 +588,7 @@ class WorkoutService(workout_service_pb2_grpc.WorkoutServiceServicer):
             if request.etag and request.etag != etag_of(session):
                 raise Aborted("the session changed since it was read; read it again and retry")
             if request.HasField("end_time"):
-                ended = _not_future(from_timestamp(request.end_time), "end_time")
+                ended = _not_future(from_timestamp(request.end_time, "end_time"), "end_time")
                 if ended < session["start_time"]:
                     raise InvalidArgument.field("end_time", "must not be before the session's start_time")
             else:

@@ -39,7 +39,9 @@ from fittracker.user.v1 import user_service_pb2
 from fittracker.workout.v1 import workout_pb2, workout_service_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 from protovalidate import Validator
 
 from services.runtime.errors import InvalidArgument
@@ -329,6 +331,69 @@ def number_fits(value: float, rules: Any) -> bool:
     )
 
 
+#: The rule kind of each well-known time type.
+TIME_KINDS = {"google.protobuf.Timestamp": "timestamp", "google.protobuf.Duration": "duration"}
+NANOS = 1_000_000_000
+#: Timestamps protovalidate-python can convert: years 1 to 9999.
+FIRST_SECOND, LAST_SECOND = -62135596800, 253402300799
+
+
+def time_kind(field: FieldDescriptor) -> str | None:
+    """"timestamp" or "duration" for fields of those well-known types, else None."""
+    return TIME_KINDS.get(field.message_type.full_name) if field.message_type is not None else None
+
+
+def time_micros(value: Any) -> int:
+    """A (seconds, nanos) pair or a Timestamp/Duration in microseconds, nanos floored as protovalidate does."""
+    seconds, nanos = value if isinstance(value, tuple) else (value.seconds, value.nanos)
+    return int(seconds) * 1_000_000 + int(nanos) // 1000
+
+
+def time_pair(total_nanos: int, kind: str) -> tuple[int, int]:
+    """(seconds, nanos) of nanoseconds: nanos in [0, 1e9) for timestamps, signed like seconds for durations."""
+    if kind == "timestamp":
+        return divmod(total_nanos, NANOS)
+    seconds = abs(total_nanos) // NANOS * (1 if total_nanos >= 0 else -1)
+    return seconds, total_nanos - seconds * NANOS
+
+
+def time_message(field: FieldDescriptor, value: tuple[int, int]) -> Any:
+    """The Timestamp or Duration message of a (seconds, nanos) candidate."""
+    return (Timestamp if time_kind(field) == "timestamp" else Duration)(seconds=value[0], nanos=value[1])
+
+
+def has_within(rules: Any) -> bool:
+    return "within" in rules.DESCRIPTOR.fields_by_name and bool(rules.HasField("within"))
+
+
+class MicrosRules:
+    """Time rules seen in microseconds, so that number_fits can judge time candidates too."""
+
+    def __init__(self, rules: Any) -> None:
+        self._rules = rules
+
+    def HasField(self, name: str) -> bool:  # noqa: N802  # the protobuf method it stands in for
+        return bool(self._rules.HasField(name))
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("in", "not_in"):  # durations have them, timestamps not
+            return [time_micros(item) for item in getattr(self._rules, name, [])]
+        value = getattr(self._rules, name)
+        return time_micros(value)
+
+
+def time_fits(value: tuple[int, int], rules: Any) -> bool:
+    """A rough independent reading of the timestamp/duration rules, used only to steer generation."""
+    micros = time_micros(value)
+    now = int(time.time() * 1_000_000)
+    return (
+        number_fits(micros, MicrosRules(rules))
+        and not (getattr(rules, "lt_now", False) and micros > now)
+        and not (getattr(rules, "gt_now", False) and micros < now)
+        and not (has_within(rules) and abs(micros - now) > time_micros(rules.within))
+    )
+
+
 #: Candidate values of one field: (good, bad, bad ones derived from the field's rules).
 Pools = tuple[list[Any], list[Any], list[Any]]
 class Sampler:
@@ -404,6 +469,10 @@ class Sampler:
             self._fill_map(getattr(message, name), field, rules, bad, depth, is_bad=is_bad)
         elif field.is_repeated:
             self._fill_list(getattr(message, name), field, rules, bad, depth, is_bad=is_bad)
+        elif time_kind(field) is not None and rules.WhichOneof("type") == time_kind(field):
+            if not force and not rules.required and self.rng.random() < 0.2:
+                return  # left unset
+            getattr(message, name).CopyFrom(time_message(field, self._pick(self.pools(field), bad=is_bad)))
         elif field.message_type is not None:
             skipped = not rules.required and self.rng.random() < 0.2
             if force or not ((is_bad and rules.required) or depth >= MAX_DEPTH or skipped):
@@ -509,6 +578,8 @@ class Sampler:
         if kind is None:
             return True
         typed = getattr(rules, kind)
+        if kind in ("timestamp", "duration"):
+            return time_fits(value, typed)
         if kind == "string":
             return string_fits(value, typed)
         if kind == "enum":
@@ -526,6 +597,8 @@ class Sampler:
 
     def _candidates(self, field: FieldDescriptor, rules: validate_pb2.FieldRules) -> list[Any]:
         kind = rules.WhichOneof("type")
+        if time_kind(field) is not None:
+            return self._time_candidates(time_kind(field) or "", getattr(rules, kind) if kind else None)
         if field.type == T.TYPE_STRING:
             return self._string_candidates(rules.string if kind == "string" else None)
         if field.type == T.TYPE_BOOL:
@@ -571,6 +644,28 @@ class Sampler:
             out += [str(ident), str(ident).upper(), ident.hex, ident.hex.upper(), str(ident)[:-1] + "g",
                     "{" + str(ident) + "}", str(ident) + "\n"]
         return list(dict.fromkeys(out))
+
+    def _time_candidates(self, kind: str, rules: Any) -> list[tuple[int, int]]:
+        """(seconds, nanos) pairs: each bound and its neighbours (1 ns, 1 µs, 1 s, 1 day away), now, extremes."""
+        now = time.time_ns()
+        totals = [0, NANOS, -NANOS, now, now - 3600 * NANOS, now + 3600 * NANOS,
+                  self.rng.randrange(0, 4_000_000_000) * NANOS + self.rng.randrange(NANOS)]
+        if kind == "timestamp":
+            totals += [FIRST_SECOND * NANOS, LAST_SECOND * NANOS + NANOS - 1]
+        else:
+            totals += [-(10**10) * NANOS, 10**10 * NANOS]
+        if rules is not None:
+            bounds = [getattr(rules, n) for n in ("gt", "gte", "lt", "lte", "const") if rules.HasField(n)]
+            bounds += [*getattr(rules, "in", []), *getattr(rules, "not_in", [])]
+            if has_within(rules):
+                span = rules.within.seconds * NANOS + rules.within.nanos
+                bounds += [Timestamp(seconds=(now + span) // NANOS), Timestamp(seconds=(now - span) // NANOS)]
+            for bound in bounds:
+                exact = bound.seconds * NANOS + bound.nanos
+                totals += [exact + delta for delta in (0, 1, -1, 1000, -1000, NANOS, -NANOS, 86400 * NANOS)]
+        low, high = (FIRST_SECOND * NANOS, (LAST_SECOND + 1) * NANOS) if kind == "timestamp" else (
+            -(10**10) * NANOS, 10**10 * NANOS)
+        return list(dict.fromkeys(time_pair(t, kind) for t in totals if low <= t < high))
 
     def _number_candidates(self, field_type: int, rules: Any) -> list[Any]:
         is_float = field_type in FLOAT_TYPES
@@ -782,6 +877,32 @@ def build_zoo() -> Zoo:
     one("color_member", T.TYPE_ENUM, _rules(enum=_with_in(ER(), [1, 3])), type_name="Color")
     one("flag", T.TYPE_BOOL, _rules(bool=validate_pb2.BoolRules(const=True)))
 
+    b.file.dependency.extend(["google/protobuf/timestamp.proto", "google/protobuf/duration.proto"])
+    ts, du, y2000, y2100 = validate_pb2.TimestampRules, validate_pb2.DurationRules, 946684800, 4102444800
+
+    def one_time(name: str, rules: validate_pb2.FieldRules) -> None:
+        kind = rules.WhichOneof("type")
+        b.field(single(name), name, T.TYPE_MESSAGE, rules).type_name = (
+            ".google.protobuf.Timestamp" if kind == "timestamp" else ".google.protobuf.Duration")
+
+    one_time("ts_window", _rules(timestamp=ts(gte=Timestamp(seconds=y2000), lt=Timestamp(seconds=y2100))))
+    one_time("ts_gt", _rules(timestamp=ts(gt=Timestamp(seconds=y2000, nanos=500_000_000))))
+    one_time("ts_lt", _rules(timestamp=ts(lt=Timestamp(seconds=0, nanos=5_000))))
+    one_time("ts_lte", _rules(timestamp=ts(lte=Timestamp(seconds=y2100))))
+    one_time("ts_exclusive", _rules(timestamp=ts(gt=Timestamp(seconds=y2100), lt=Timestamp(seconds=y2000))))
+    one_time("ts_const", _rules(timestamp=ts(const=Timestamp(seconds=y2000, nanos=1_000))))
+    one_time("ts_past", _rules(timestamp=ts(lt_now=True, gt=Timestamp(seconds=y2000))))
+    one_time("ts_future", _rules(timestamp=ts(gt_now=True)))
+    one_time("ts_within", _rules(timestamp=ts(within=Duration(seconds=3600))))
+    one_time("ts_required", _rules(required=True, timestamp=ts(gte=Timestamp(seconds=y2000))))
+    # Bounds under a day: protovalidate-python's text for longer durations drops the days.
+    one_time("du_range", _rules(duration=du(gte=Duration(seconds=0), lte=Duration(seconds=3600, nanos=500_000_000))))
+    one_time("du_gt", _rules(duration=du(gt=Duration(nanos=1_500))))
+    one_time("du_exclusive", _rules(duration=du(gt=Duration(seconds=60), lt=Duration(seconds=1))))
+    one_time("du_member", _rules(duration=_with_in(du(), [Duration(seconds=1), Duration(seconds=90)])))
+    one_time("du_non_member", _rules(duration=du(not_in=[Duration(seconds=0)])))
+    one_time("du_const", _rules(duration=du(const=Duration(seconds=2, nanos=250_000_000))))
+
     rep = validate_pb2.RepeatedRules
     mapr = validate_pb2.MapRules
     one("ints", I32, _rules(repeated=rep(min_items=2, max_items=4, unique=True,
@@ -868,7 +989,7 @@ def enumerated(descriptor: Descriptor, rng: random.Random) -> Iterator[Message]:
     good, poor, _ = Sampler(rng).pools(field)
     yield message_class()
     for value in dict.fromkeys([*good, *poor]):
-        yield message_class(**{field.name: value})
+        yield message_class(**{field.name: time_message(field, value) if time_kind(field) else value})
 
 
 def compare(
@@ -953,6 +1074,9 @@ def test_every_supported_rule_matches_protovalidate(oracle: Validator, zoo: Zoo)
         "double.gt_lt_exclusive", "double.finite", "double.not_in", "double.const", "double.lte", "enum.const",
         "enum.in", "enum.not_in", "enum.defined_only", "bool.const", "repeated.min_items", "repeated.max_items",
         "repeated.unique", "map.min_pairs", "map.max_pairs", "message.oneof", "required", "double.gt_lte",
+        "timestamp.gte_lt", "timestamp.gt", "timestamp.lt", "timestamp.lte", "timestamp.gt_lt_exclusive",
+        "timestamp.const", "timestamp.lt_now", "timestamp.gt_now", "timestamp.within", "duration.gte_lte",
+        "duration.gt", "duration.gt_lt_exclusive", "duration.in", "duration.not_in", "duration.const",
     }
     assert expected_rules <= set(seen), sorted(expected_rules - set(seen))
 

@@ -64,11 +64,11 @@ class ListPersonalRecordTimelineRequest(_message.Message):
     """Only records of this exercise, "exercises/{exercise}"; empty for all exercises."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """Only records set at or after this time; unset for no lower bound."""
+        """Only records set at or after this time; unset for no lower bound. From 2000 to 2099."""
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """Only records set before this time; unset for no upper bound."""
+        """Only records set before this time; unset for no upper bound. From 2000 to 2099."""
 
     def __init__(
         self,
@@ -134,11 +134,11 @@ class GetExerciseTrendRequest(_message.Message):
     """The size of each bucket; GRANULARITY_UNSPECIFIED means a week."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """The start of the range, inclusive."""
+        """The start of the range, inclusive. From 2000 to 2099."""
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """The end of the range, exclusive; unset means now."""
+        """The end of the range, exclusive; unset means now. From 2000 to 2099."""
 
     def __init__(
         self,
@@ -169,11 +169,11 @@ class GetPeriodReportRequest(_message.Message):
     """The report to read, "users/{user}/periodReport" or "users/me/periodReport"."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """The start of the period, inclusive."""
+        """The start of the period, inclusive. From 2000 to 2099."""
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """The end of the period, exclusive."""
+        """The end of the period, exclusive. From 2000 to 2099."""
 
     def __init__(
         self,

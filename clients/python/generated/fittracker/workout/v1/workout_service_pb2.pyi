@@ -333,7 +333,9 @@ class StartSessionRequest(_message.Message):
     """A client-chosen id (UUID) that makes retries of this request safe; optional."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """When the session started, to log a past workout; unset means now. Must not be in the future."""
+        """When the session started, to log a past workout; unset means now. Must not be in the future
+        (INVALID_ARGUMENT), nor before 2000.
+        """
 
     def __init__(
         self,
@@ -397,11 +399,11 @@ class ListSessionsRequest(_message.Message):
     """Only sessions in this state; SESSION_STATE_UNSPECIFIED for all states."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """Only sessions that started at or after this time; unset for no lower bound."""
+        """Only sessions that started at or after this time; unset for no lower bound. From 2000 to 2099."""
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """Only sessions that started before this time; unset for no upper bound."""
+        """Only sessions that started before this time; unset for no upper bound. From 2000 to 2099."""
 
     def __init__(
         self,
@@ -572,7 +574,9 @@ class CompleteSessionRequest(_message.Message):
     """The etag of the session as last read; when set, the call succeeds only if it still matches."""
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """When the session ended; unset means now."""
+        """When the session ended; unset means now. Must not be in the future nor before the session's
+        start (INVALID_ARGUMENT).
+        """
 
     def __init__(
         self,
