@@ -54,8 +54,9 @@ from fittracker.user.v1 import user_service_pb2, user_service_pb2_grpc
 from fittracker.workout.v1 import workout_service_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.runtime.auth import load_or_create_signing_key
+from services.runtime.auth import Principal, load_or_create_signing_key
 from services.runtime.cache import Cache, CacheMetrics, ProtoCodec
+from services.runtime.revocation import Revocations
 from tools.bench_common import (
     PROTOSET,
     ROOT,
@@ -263,6 +264,7 @@ class Bench:
         self.keys_dir = self.data_dir / "keys"
         self.figures: dict[str, Figure] = {}
         self.cache: dict[str, Any] = {}
+        self.per_call: dict[str, float] = {}
         self.seed: SeedResult | None = None
         self.converter = None if args.no_ghz_html else ghz_report_binary(progress.note)
         self.env = {
@@ -409,6 +411,7 @@ class Bench:
         self.edge_section()
         self.progress.note("[bench] cache")
         self.cache = asyncio.run(cache_bench(self.run_dir, self.timing, self.progress))
+        self.per_call = session_check_cost(self.progress)
 
     def edge_section(self) -> None:
         """The read through Envoy against the same replica directly; JSON against gRPC at the edge."""
@@ -454,6 +457,63 @@ class Bench:
     def close(self) -> None:
         """Remove the data directory."""
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+#: Revoked sessions in the view the per-call check is timed against: a busy quarter-hour's logouts.
+REVOKED_SESSIONS = 100_000
+
+
+class _NoLog:
+    """A revocation log that is never read: the timing below is of the in-memory check alone."""
+
+    async def ensure(self) -> None:
+        """Nothing to prepare."""
+
+    async def add(self, key: str, revoked_at: float, keep_seconds: float) -> None:
+        """Nothing is stored."""
+
+    async def since(self, after: float) -> list[tuple[str, float]]:
+        """Nothing was revoked elsewhere."""
+        return []
+
+
+def session_check_cost(progress: Progress) -> dict[str, float]:
+    """What ending sessions costs a call: the revocation lookup and the deadline budget.
+
+    The budget wraps only handlers of calls without a deadline of their own (under the longest).
+    """
+    progress.note(f"[bench] per-call cost of session revocation ({REVOKED_SESSIONS:,} revoked sessions in view)")
+    revocations = Revocations(_NoLog(), token_ttl_seconds=900, poll_seconds=1)
+
+    async def fill() -> None:
+        for i in range(REVOKED_SESSIONS):
+            await revocations.revoke_session(f"s{i}")
+
+    asyncio.run(fill())
+    live = Principal(user_id="u", role="member", session_id="live-session", token_id="t1")  # noqa: S106  # noqa: S106 - an id
+    rounds = 200_000
+    started = time.perf_counter()
+    for _ in range(rounds):
+        revocations.is_revoked(live)
+    check_ns = (time.perf_counter() - started) / rounds * 1e9
+
+    async def budgets() -> tuple[float, float]:
+        async def handler() -> None:
+            return None
+
+        n = 50_000
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await handler()
+        bare = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(n):
+            async with asyncio.timeout(30):
+                await handler()
+        return bare / n * 1e9, (time.perf_counter() - t0) / n * 1e9
+
+    bare_ns, budgeted_ns = asyncio.run(budgets())
+    return {"revocation_check_ns": check_ns, "deadline_budget_ns": budgeted_ns - bare_ns}
 
 
 async def _seed(seeder: Seeder, users: int) -> SeedResult:
@@ -714,6 +774,14 @@ def render(report: Mapping[str, Any], figures: Mapping[str, Figure], found: Sequ
         ]
         parts.append(svg_bars("Cache operations per second", bars, "ops/s", limit=50_000.0,
                               limit_label="50,000/s target"))
+    per_call = report.get("per_call") or {}
+    if per_call:
+        parts.append("<h2>Per-call cost of ending sessions</h2>")
+        parts.append(html_table(["what", "ns per call"], [
+            [f"revocation lookup ({REVOKED_SESSIONS:,} revoked sessions in view)",
+             f"{per_call['revocation_check_ns']:.0f}"],
+            ["deadline budget around a unary handler (asyncio.timeout)", f"{per_call['deadline_budget_ns']:.0f}"],
+        ]))
     return html_page("FitTracker bench", "\n".join(parts))
 
 
@@ -770,6 +838,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratios": [asdict(r) for r in found],
         "figures": {name: figure.as_dict() for name, figure in bench.figures.items()},
         "cache": bench.cache,
+        "per_call": bench.per_call,
     }
     write_json(run_dir / "bench.json", report)
     (run_dir / "bench.html").write_text(render(report, bench.figures, found))
@@ -778,6 +847,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         mark = "" if r.met is None else ("  met" if r.met else "  MISSED")
         value = "n/a" if r.value is None else f"{r.value:,.3f}"
         progress.note(f"{r.name:<78} {value:>12}  target {r.target}{mark}")
+    if bench.per_call:
+        progress.note(f"per call: revocation lookup {bench.per_call['revocation_check_ns']:.0f} ns, "
+                      f"deadline budget {bench.per_call['deadline_budget_ns']:.0f} ns")
     progress.note(f"report: {run_dir / 'bench.html'} (also {args.report_dir / 'latest-bench'})")
     return code
 

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.runtime.errors import InvalidArgument
 
+_MS = timedelta(milliseconds=1)
+#: The last value handed out (a one-element list rather than a global statement).
+_last = [datetime.min.replace(tzinfo=UTC)]
+
 
 def now() -> datetime:
-    """The current UTC time truncated to milliseconds, so a stored value reads back equal."""
+    """The current UTC time truncated to milliseconds, so a stored value reads back equal.
+
+    Strictly increasing within a process: two changes made in the same millisecond still sort in
+    the order they happened ("most recently changed first" lists), instead of by a random id.
+    """
     current = datetime.now(UTC)
-    return current.replace(microsecond=current.microsecond // 1000 * 1000)
+    current = current.replace(microsecond=current.microsecond // 1000 * 1000)
+    if current <= _last[0]:
+        current = _last[0] + _MS
+    _last[0] = current
+    return current
 
 
 def to_timestamp(value: datetime | None) -> Timestamp | None:
