@@ -302,7 +302,10 @@ class UpdateUserRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """The fields to change: display_name, birth_date, height_cm, weight_kg, fitness_level."""
+        """The fields to change: display_name, birth_date, height_cm, weight_kg, fitness_level. Omitted:
+        the fields set in user (a field goes back to its default only when named here). "*": all of
+        them, unset ones cleared.
+        """
 
     def __init__(
         self,
@@ -393,7 +396,10 @@ class UpdatePreferencesRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """The fields to change: unit_system, goals, notifications, time_zone, or sub-fields of them."""
+        """The fields to change: unit_system, goals, notifications, time_zone, or sub-fields of them.
+        Omitted: the fields set in preferences (a message set there replaces that whole group; name
+        sub-fields to change only those). "*": all of them, unset ones cleared.
+        """
 
     def __init__(
         self,

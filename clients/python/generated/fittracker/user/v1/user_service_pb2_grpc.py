@@ -159,7 +159,8 @@ class UserServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateUser(self, request, context):
-        """Updates the fields of a profile named in update_mask (all writable fields when empty).
+        """Updates the fields of a profile named in update_mask (AIP-134: without a mask, the fields
+        set in the request; "*" replaces them all).
 
         Returns INVALID_ARGUMENT for an unknown or read-only path in the mask or a field that breaks
         its rules, NOT_FOUND as GetUser does, ABORTED when etag is set and no longer matches.
@@ -187,7 +188,8 @@ class UserServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdatePreferences(self, request, context):
-        """Updates the preferences named in update_mask (all of them when empty).
+        """Updates the preferences named in update_mask (AIP-134: without a mask, the fields set in the
+        request; "*" replaces them all).
 
         Returns INVALID_ARGUMENT for an unknown path or a value that breaks its rules, NOT_FOUND as
         GetPreferences does.

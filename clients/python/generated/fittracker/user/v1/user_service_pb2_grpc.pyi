@@ -72,7 +72,8 @@ class UserServiceStub:
     Returns NOT_FOUND when the user does not exist or is not the caller (unless an admin).
     """
     UpdateUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.UpdateUserRequest, _user_pb2.User]
-    """Updates the fields of a profile named in update_mask (all writable fields when empty).
+    """Updates the fields of a profile named in update_mask (AIP-134: without a mask, the fields
+    set in the request; "*" replaces them all).
 
     Returns INVALID_ARGUMENT for an unknown or read-only path in the mask or a field that breaks
     its rules, NOT_FOUND as GetUser does, ABORTED when etag is set and no longer matches.
@@ -88,7 +89,8 @@ class UserServiceStub:
     Returns NOT_FOUND when the user does not exist or is not the caller (unless an admin).
     """
     UpdatePreferences: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.UpdatePreferencesRequest, _user_pb2.Preferences]
-    """Updates the preferences named in update_mask (all of them when empty).
+    """Updates the preferences named in update_mask (AIP-134: without a mask, the fields set in the
+    request; "*" replaces them all).
 
     Returns INVALID_ARGUMENT for an unknown path or a value that breaks its rules, NOT_FOUND as
     GetPreferences does.
@@ -137,7 +139,8 @@ class UserServiceAsyncStub(UserServiceStub):
     Returns NOT_FOUND when the user does not exist or is not the caller (unless an admin).
     """
     UpdateUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.UpdateUserRequest, _user_pb2.User]  # type: ignore[assignment]
-    """Updates the fields of a profile named in update_mask (all writable fields when empty).
+    """Updates the fields of a profile named in update_mask (AIP-134: without a mask, the fields
+    set in the request; "*" replaces them all).
 
     Returns INVALID_ARGUMENT for an unknown or read-only path in the mask or a field that breaks
     its rules, NOT_FOUND as GetUser does, ABORTED when etag is set and no longer matches.
@@ -153,7 +156,8 @@ class UserServiceAsyncStub(UserServiceStub):
     Returns NOT_FOUND when the user does not exist or is not the caller (unless an admin).
     """
     UpdatePreferences: _aio.UnaryUnaryMultiCallable[_user_service_pb2.UpdatePreferencesRequest, _user_pb2.Preferences]  # type: ignore[assignment]
-    """Updates the preferences named in update_mask (all of them when empty).
+    """Updates the preferences named in update_mask (AIP-134: without a mask, the fields set in the
+    request; "*" replaces them all).
 
     Returns INVALID_ARGUMENT for an unknown path or a value that breaks its rules, NOT_FOUND as
     GetPreferences does.
@@ -241,7 +245,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _user_service_pb2.UpdateUserRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_pb2.User, _abc.Awaitable[_user_pb2.User]]:
-        """Updates the fields of a profile named in update_mask (all writable fields when empty).
+        """Updates the fields of a profile named in update_mask (AIP-134: without a mask, the fields
+        set in the request; "*" replaces them all).
 
         Returns INVALID_ARGUMENT for an unknown or read-only path in the mask or a field that breaks
         its rules, NOT_FOUND as GetUser does, ABORTED when etag is set and no longer matches.
@@ -275,7 +280,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _user_service_pb2.UpdatePreferencesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_pb2.Preferences, _abc.Awaitable[_user_pb2.Preferences]]:
-        """Updates the preferences named in update_mask (all of them when empty).
+        """Updates the preferences named in update_mask (AIP-134: without a mask, the fields set in the
+        request; "*" replaces them all).
 
         Returns INVALID_ARGUMENT for an unknown path or a value that breaks its rules, NOT_FOUND as
         GetPreferences does.

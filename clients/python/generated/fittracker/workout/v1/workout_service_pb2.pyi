@@ -247,7 +247,7 @@ class UpdateRoutineRequest(_message.Message):
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """The fields to change: display_name, description, exercises. A path of exercises replaces the
-        whole list.
+        whole list. Omitted: the fields set in routine. "*": all of them, unset ones cleared.
         """
 
     def __init__(
@@ -500,7 +500,7 @@ class UpdateSetRequest(_message.Message):
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """The fields to change: exercise, set_type, reps, weight_kg, duration_seconds, distance_m, rpe,
-        notes.
+        notes. Omitted: the fields set in set. "*": all of them, unset ones cleared.
         """
 
     def __init__(

@@ -197,7 +197,8 @@ class WorkoutServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateRoutine(self, request, context):
-        """Updates the fields of a routine named in update_mask (all writable fields when empty).
+        """Updates the fields of a routine named in update_mask (AIP-134: without a mask, the fields
+        set in the request; "*" replaces them all).
 
         Returns INVALID_ARGUMENT for an unknown or read-only path in the mask or a field that breaks
         its rules, NOT_FOUND as GetRoutine does, FAILED_PRECONDITION when an exercise is not in the
@@ -261,7 +262,8 @@ class WorkoutServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateSet(self, request, context):
-        """Updates the fields of a set named in update_mask (all writable fields when empty).
+        """Updates the fields of a set named in update_mask (AIP-134: without a mask, the fields set in
+        the request; "*" replaces them all).
 
         Returns INVALID_ARGUMENT for an unknown or read-only path in the mask or a field that breaks
         its rules, NOT_FOUND when the set or its session does not exist or belongs to another user,

@@ -78,7 +78,8 @@ class WorkoutServiceStub:
     exist or is not the caller.
     """
     UpdateRoutine: _grpc.UnaryUnaryMultiCallable[_workout_service_pb2.UpdateRoutineRequest, _workout_pb2.Routine]
-    """Updates the fields of a routine named in update_mask (all writable fields when empty).
+    """Updates the fields of a routine named in update_mask (AIP-134: without a mask, the fields
+    set in the request; "*" replaces them all).
 
     Returns INVALID_ARGUMENT for an unknown or read-only path in the mask or a field that breaks
     its rules, NOT_FOUND as GetRoutine does, FAILED_PRECONDITION when an exercise is not in the
@@ -118,7 +119,8 @@ class WorkoutServiceStub:
     logged.
     """
     UpdateSet: _grpc.UnaryUnaryMultiCallable[_workout_service_pb2.UpdateSetRequest, _workout_pb2.WorkoutSet]
-    """Updates the fields of a set named in update_mask (all writable fields when empty).
+    """Updates the fields of a set named in update_mask (AIP-134: without a mask, the fields set in
+    the request; "*" replaces them all).
 
     Returns INVALID_ARGUMENT for an unknown or read-only path in the mask or a field that breaks
     its rules, NOT_FOUND when the set or its session does not exist or belongs to another user,
@@ -201,7 +203,8 @@ class WorkoutServiceAsyncStub(WorkoutServiceStub):
     exist or is not the caller.
     """
     UpdateRoutine: _aio.UnaryUnaryMultiCallable[_workout_service_pb2.UpdateRoutineRequest, _workout_pb2.Routine]  # type: ignore[assignment]
-    """Updates the fields of a routine named in update_mask (all writable fields when empty).
+    """Updates the fields of a routine named in update_mask (AIP-134: without a mask, the fields
+    set in the request; "*" replaces them all).
 
     Returns INVALID_ARGUMENT for an unknown or read-only path in the mask or a field that breaks
     its rules, NOT_FOUND as GetRoutine does, FAILED_PRECONDITION when an exercise is not in the
@@ -241,7 +244,8 @@ class WorkoutServiceAsyncStub(WorkoutServiceStub):
     logged.
     """
     UpdateSet: _aio.UnaryUnaryMultiCallable[_workout_service_pb2.UpdateSetRequest, _workout_pb2.WorkoutSet]  # type: ignore[assignment]
-    """Updates the fields of a set named in update_mask (all writable fields when empty).
+    """Updates the fields of a set named in update_mask (AIP-134: without a mask, the fields set in
+    the request; "*" replaces them all).
 
     Returns INVALID_ARGUMENT for an unknown or read-only path in the mask or a field that breaks
     its rules, NOT_FOUND when the set or its session does not exist or belongs to another user,
@@ -357,7 +361,8 @@ class WorkoutServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _workout_service_pb2.UpdateRoutineRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_workout_pb2.Routine, _abc.Awaitable[_workout_pb2.Routine]]:
-        """Updates the fields of a routine named in update_mask (all writable fields when empty).
+        """Updates the fields of a routine named in update_mask (AIP-134: without a mask, the fields
+        set in the request; "*" replaces them all).
 
         Returns INVALID_ARGUMENT for an unknown or read-only path in the mask or a field that breaks
         its rules, NOT_FOUND as GetRoutine does, FAILED_PRECONDITION when an exercise is not in the
@@ -433,7 +438,8 @@ class WorkoutServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _workout_service_pb2.UpdateSetRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_workout_pb2.WorkoutSet, _abc.Awaitable[_workout_pb2.WorkoutSet]]:
-        """Updates the fields of a set named in update_mask (all writable fields when empty).
+        """Updates the fields of a set named in update_mask (AIP-134: without a mask, the fields set in
+        the request; "*" replaces them all).
 
         Returns INVALID_ARGUMENT for an unknown or read-only path in the mask or a field that breaks
         its rules, NOT_FOUND when the set or its session does not exist or belongs to another user,

@@ -294,7 +294,9 @@ export type UpdateUserRequest = Message<"fittracker.user.v1.UpdateUserRequest"> 
   user?: User | undefined;
 
   /**
-   * The fields to change: display_name, birth_date, height_cm, weight_kg, fitness_level.
+   * The fields to change: display_name, birth_date, height_cm, weight_kg, fitness_level. Omitted:
+   * the fields set in user (a field goes back to its default only when named here). "*": all of
+   * them, unset ones cleared.
    *
    * @generated from field: google.protobuf.FieldMask update_mask = 2;
    */
@@ -380,6 +382,8 @@ export type UpdatePreferencesRequest = Message<"fittracker.user.v1.UpdatePrefere
 
   /**
    * The fields to change: unit_system, goals, notifications, time_zone, or sub-fields of them.
+   * Omitted: the fields set in preferences (a message set there replaces that whole group; name
+   * sub-fields to change only those). "*": all of them, unset ones cleared.
    *
    * @generated from field: google.protobuf.FieldMask update_mask = 2;
    */
@@ -480,7 +484,8 @@ export const UserService: GenService<{
     output: typeof UserSchema;
   },
   /**
-   * Updates the fields of a profile named in update_mask (all writable fields when empty).
+   * Updates the fields of a profile named in update_mask (AIP-134: without a mask, the fields
+   * set in the request; "*" replaces them all).
    *
    * Returns INVALID_ARGUMENT for an unknown or read-only path in the mask or a field that breaks
    * its rules, NOT_FOUND as GetUser does, ABORTED when etag is set and no longer matches.
@@ -517,7 +522,8 @@ export const UserService: GenService<{
     output: typeof PreferencesSchema;
   },
   /**
-   * Updates the preferences named in update_mask (all of them when empty).
+   * Updates the preferences named in update_mask (AIP-134: without a mask, the fields set in the
+   * request; "*" replaces them all).
    *
    * Returns INVALID_ARGUMENT for an unknown path or a value that breaks its rules, NOT_FOUND as
    * GetPreferences does.

@@ -269,7 +269,7 @@ export type UpdateRoutineRequest = Message<"fittracker.workout.v1.UpdateRoutineR
 
   /**
    * The fields to change: display_name, description, exercises. A path of exercises replaces the
-   * whole list.
+   * whole list. Omitted: the fields set in routine. "*": all of them, unset ones cleared.
    *
    * @generated from field: google.protobuf.FieldMask update_mask = 2;
    */
@@ -540,7 +540,7 @@ export type UpdateSetRequest = Message<"fittracker.workout.v1.UpdateSetRequest">
 
   /**
    * The fields to change: exercise, set_type, reps, weight_kg, duration_seconds, distance_m, rpe,
-   * notes.
+   * notes. Omitted: the fields set in set. "*": all of them, unset ones cleared.
    *
    * @generated from field: google.protobuf.FieldMask update_mask = 2;
    */
@@ -851,7 +851,8 @@ export const WorkoutService: GenService<{
     output: typeof ListRoutinesResponseSchema;
   },
   /**
-   * Updates the fields of a routine named in update_mask (all writable fields when empty).
+   * Updates the fields of a routine named in update_mask (AIP-134: without a mask, the fields
+   * set in the request; "*" replaces them all).
    *
    * Returns INVALID_ARGUMENT for an unknown or read-only path in the mask or a field that breaks
    * its rules, NOT_FOUND as GetRoutine does, FAILED_PRECONDITION when an exercise is not in the
@@ -933,7 +934,8 @@ export const WorkoutService: GenService<{
     output: typeof WorkoutSetSchema;
   },
   /**
-   * Updates the fields of a set named in update_mask (all writable fields when empty).
+   * Updates the fields of a set named in update_mask (AIP-134: without a mask, the fields set in
+   * the request; "*" replaces them all).
    *
    * Returns INVALID_ARGUMENT for an unknown or read-only path in the mask or a field that breaks
    * its rules, NOT_FOUND when the set or its session does not exist or belongs to another user,
