@@ -263,12 +263,11 @@ async def test_a_replica_that_never_acknowledges_delays_the_write_only_up_to_the
     silent = redis_client.pubsub()
     await silent.subscribe(f"cache-invalidate:{writer.name}")  # subscribed, never answers
     try:
-        started = time.monotonic()
-        await writer.invalidate("u1")
-        elapsed = time.monotonic() - started
+        # A deadline on the call, not a stopwatch: a write that waited for the ack forever fails here.
+        await asyncio.wait_for(writer.invalidate("u1"), timeout=5.0)
     finally:
         await silent.aclose()
-    assert 0.15 <= elapsed < 2.0
+    # It did wait, and gave up by its timeout rather than by an answer.
     assert writer._metrics.registry.get_sample_value(
         "cache_invalidation_ack_timeouts_total", {"cache": writer.name}
     ) == 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import asyncio
 from pathlib import Path
 
 import grpc
@@ -72,8 +72,7 @@ async def test_a_dead_target_fails_fast_once_the_breaker_opens(tmp_path: Path) -
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await client.call(stub.Check, health_pb2.HealthCheckRequest())
         assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-    started = time.perf_counter()
     with pytest.raises(Unavailable):
-        await client.call(stub.Check, health_pb2.HealthCheckRequest())
-    assert time.perf_counter() - started < 1.0, "an open breaker must not wait out the 3 s deadline"
+        # An open breaker answers at once; waiting out the 3 s deadline would trip this 1 s one.
+        await asyncio.wait_for(client.call(stub.Check, health_pb2.HealthCheckRequest()), timeout=1.0)
     await client.close()

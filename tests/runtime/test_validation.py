@@ -22,11 +22,9 @@ import random
 import string
 import struct
 import time
-import timeit
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,7 @@ from buf.validate import validate_pb2
 from fittracker.ai.v1 import ai_service_pb2
 from fittracker.notification.v1 import notification_pb2, notification_service_pb2
 from fittracker.user.v1 import user_service_pb2
-from fittracker.workout.v1 import workout_pb2, workout_service_pb2
+from fittracker.workout.v1 import workout_service_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.duration_pb2 import Duration
@@ -1297,6 +1295,7 @@ def test_email_check_agrees_with_protovalidate(oracle: Validator) -> None:
         assert mine == theirs, text
 
 
+@pytest.mark.timeout(60)  # a deadline, not a speed check: backtracking on these inputs runs for hours
 def test_patterns_stay_linear_on_hostile_input() -> None:
     validator = RequestValidator()
     hostile = [
@@ -1306,46 +1305,10 @@ def test_patterns_stay_linear_on_hostile_input() -> None:
         "a" * 100_000 + "@" + "b." * 50_000 + "!",
         "a@" + "b" * 62 + "-" * 100_000,
     ]
-    started = time.perf_counter()
     for text in hostile:
         validator.violations(workout_service_pb2.LogSetRequest(parent=text, request_id=text))
         validator.violations(user_service_pb2.RegisterRequest(email=text))
         for pattern in proto_patterns():
             compile_search(pattern)(text)
         compile_search(EMAIL_PATTERN)(text)
-    # Backtracking blow-up would take minutes; linear matching takes milliseconds.
-    assert time.perf_counter() - started < 2.0
-
-
-# --- benchmark (printed, not asserted) ------------------------------------------------------
-
-
-def benchmark_messages() -> dict[str, Message]:
-    return {
-        "user GetUserRequest": user_service_pb2.GetUserRequest(name="users/u123"),
-        "user RegisterRequest": user_service_pb2.RegisterRequest(
-            email="someone@example.com", password="correct horse battery", display_name="Sam",
-            request_id="0123456789abcdef",
-        ),
-        "workout LogSetRequest": workout_service_pb2.LogSetRequest(
-            parent="users/u1/sessions/s1", request_id="0123456789abcdef",
-            set=workout_pb2.WorkoutSet(
-                exercise="exercises/bench_press", set_type=workout_pb2.SET_TYPE_WORKING, reps=8, weight_kg=80,
-                rpe=8.5, notes="felt strong",
-            ),
-        ),
-    }
-
-
-def test_benchmark_old_vs_new(oracle: Validator, capsys: pytest.CaptureFixture[str]) -> None:
-    validator = RequestValidator()
-    lines = []
-    for name, message in benchmark_messages().items():
-        assert not oracle.collect_violations(message) and not validator.violations(message)
-        old_runs, new_runs = 10, 20_000
-        old = min(timeit.repeat(partial(oracle.collect_violations, message), number=old_runs, repeat=2)) / old_runs
-        new = min(timeit.repeat(partial(validator.check, message), number=new_runs, repeat=2)) / new_runs
-        lines.append(f"{name:24} protovalidate {old * 1e6:9.1f} µs   compiled {new * 1e6:6.2f} µs   x{old / new:,.0f}")
-    with capsys.disabled():
-        print("\nvalidation per message (valid message):\n  " + "\n  ".join(lines))
 
