@@ -5,11 +5,11 @@ from __future__ import annotations
 import grpc
 from fittracker.ai.v1 import ai_service_pb2_grpc
 
-from services.ai.events import GROUP, UserDeletedHandler
+from services.ai.events import GROUP, PRODUCER, eraser
 from services.ai.peers import Peers
 from services.ai.repository import PlanRepository
 from services.ai.service import PUBLIC_METHODS, SERVICE, AiService
-from services.runtime.events import Outbox, stream_of
+from services.runtime.events import Outbox, UserDeletedHandler, stream_of
 from services.runtime.resources import Resources
 from services.runtime.server import ServiceDefinition
 from services.runtime.settings import Settings
@@ -23,7 +23,7 @@ async def build(settings: Settings, resources: Resources) -> ServiceDefinition:
     await outbox.ensure()
     servicer = AiService(plans, Peers(resources.client("user"), resources.client("workout")), resources.page_tokens)
     erase_deleted_users = resources.events.consumer(
-        GROUP, [stream_of("user")], UserDeletedHandler(plans, outbox), resources.store
+        GROUP, [stream_of("user")], UserDeletedHandler(PRODUCER, eraser(plans), outbox), resources.store
     )
 
     def register(server: grpc.aio.Server) -> None:

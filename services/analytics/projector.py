@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import date, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
 from fittracker.events.v1 import events_pb2
 
@@ -37,7 +37,7 @@ from services.analytics.projections import (
 )
 from services.analytics.repository import AnalyticsRepository, version_filter
 from services.runtime.errors import Aborted
-from services.runtime.events import fact_id, make_envelope
+from services.runtime.events import EventSink, data_erased, fact_id, make_envelope
 from services.runtime.storage import Document, DuplicateKeyError
 from services.runtime.timeutil import from_timestamp, now
 
@@ -53,14 +53,6 @@ STREAK_WIDEN = timedelta(days=366)
 MAX_STREAK_ROUNDS = 30
 #: Sealed platform figures of a day are re-checked when an event for it arrives this late.
 LATE_AFTER_DAYS = 1
-
-
-class EventSink(Protocol):
-    """Where published events go: the outbox (idempotent on the envelope's event id)."""
-
-    async def add(self, envelope: events_pb2.EventEnvelope) -> object:
-        """Queue ``envelope`` for publication; adding an event id twice keeps one."""
-        ...
 
 
 Clock = Callable[[], datetime]
@@ -256,11 +248,7 @@ class Projector:
         request_id = envelope.user_deleted.deletion_request_id
         stone = await self._repo.bury(user_id, request_id)
         await self._repo.erase_user(user_id, stone["anonymous_key"])
-        erased = events_pb2.DataErased(service=PRODUCER, deletion_request_id=request_id)
-        erased.erase_time.FromDatetime(now())
-        await self._outbox.add(
-            make_envelope(PRODUCER, user_id, erased, event_id=fact_id("analytics.data_erased", request_id))
-        )
+        await self._outbox.add(data_erased(PRODUCER, user_id, request_id))
 
     async def _erase_if_deleted_meanwhile(self, user_id: str) -> None:
         """Undo what this event wrote if the user was deleted while it was being handled."""

@@ -21,8 +21,7 @@ from services.notification.hub import Hub
 from services.notification.notifier import Notifier
 from services.notification.repository import DeviceRepository, NotificationRepository
 from services.runtime.errors import NotFound
-from services.runtime.events import Outbox, fact_id, make_envelope, stream_of
-from services.runtime.timeutil import now, to_timestamp
+from services.runtime.events import Outbox, data_erased, stream_of
 
 log = logging.getLogger("fittracker.notification.events")
 
@@ -97,13 +96,7 @@ class EventHandler:
     async def _erase(self, user_id: str, deleted: events_pb2.UserDeleted) -> None:
         notifications = await self._notifications.erase_user(user_id)
         devices = await self._devices.erase_user(user_id)
-        answer = events_pb2.DataErased(
-            service=SERVICE_NAME, deletion_request_id=deleted.deletion_request_id, erase_time=to_timestamp(now())
-        )
-        await self._outbox.add(make_envelope(
-            SERVICE_NAME, user_id, answer,
-            event_id=fact_id("notification.data_erased", deleted.deletion_request_id, user_id),
-        ))
+        await self._outbox.add(data_erased(SERVICE_NAME, user_id, deleted.deletion_request_id))
         # Last, so a client whose stream ends finds the erasure complete.
         self._hub.end_user(user_id)
         log.info("user data erased", extra={"fields": {"user": user_id, "notifications": notifications,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import grpc
 from fittracker.workout.v1 import workout_service_pb2_grpc
 
-from services.runtime.events import Outbox, stream_of
+from services.runtime.events import Outbox, UserDeletedHandler, stream_of
 from services.runtime.resources import Resources
 from services.runtime.server import ServiceDefinition
 from services.runtime.settings import Settings
 from services.workout.catalog import Catalog
 from services.workout.completion import Completer
-from services.workout.events import GROUP, UserDeletedHandler
+from services.workout.events import GROUP, PRODUCER, eraser
 from services.workout.repository import ALL_COLLECTIONS, RecordRepository, RoutineRepository, SessionRepository
 from services.workout.service import PUBLIC_METHODS, SERVICE, WorkoutService
 
@@ -29,7 +29,8 @@ async def build(settings: Settings, resources: Resources) -> ServiceDefinition:
     completer = Completer(sessions, records, outbox, catalog)
     servicer = WorkoutService(catalog, routines, sessions, records, completer, resources.page_tokens)
     erase_deleted_users = resources.events.consumer(
-        GROUP, [stream_of("user")], UserDeletedHandler(routines, sessions, records, outbox), resources.store
+        GROUP, [stream_of("user")], UserDeletedHandler(PRODUCER, eraser(routines, sessions, records), outbox),
+        resources.store,
     )
 
     def register(server: grpc.aio.Server) -> None:

@@ -20,10 +20,11 @@ import asyncio
 import logging
 from datetime import timedelta
 
+from services.runtime.events import EventSink
 from services.runtime.storage import Document
 from services.runtime.timeutil import now
 from services.workout.catalog import Catalog
-from services.workout.events import EventSink, completion_events
+from services.workout.events import completion_events
 from services.workout.records import candidates
 from services.workout.repository import RecordRepository, SessionRepository
 

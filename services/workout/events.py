@@ -9,19 +9,21 @@ completion or an erasure is retried):
 * ``DataErased``, id ``fact_id("workout.data_erased", <deletion_request_id>)``.
 
 Consumed: ``UserDeleted`` from the user service's stream, in group "workout": every routine,
-session and record of the user is erased, then DataErased answers the deletion saga.
+session and record of the user is erased, then DataErased answers the deletion saga
+(``services.runtime.events.erasure``).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import Any
 
 from fittracker.common.v1 import fitness_pb2
 from fittracker.events.v1 import events_pb2
 
-from services.runtime.events import fact_id, make_envelope
-from services.runtime.timeutil import now, to_timestamp
+from services.runtime.events import Eraser, fact_id, make_envelope
+from services.runtime.timeutil import to_timestamp
 from services.workout.catalog import Catalog
 from services.workout.records import session_volume, summaries
 from services.workout.repository import RecordRepository, RoutineRepository, SessionRepository
@@ -31,14 +33,6 @@ PRODUCER = "workout"
 GROUP = "workout"
 
 log = logging.getLogger("fittracker.workout.events")
-
-
-class EventSink(Protocol):
-    """Where events go: the outbox (``services.runtime.events.Outbox``)."""
-
-    async def add(self, envelope: events_pb2.EventEnvelope) -> bool:
-        """Store ``envelope`` for publishing; idempotent on its event_id."""
-        ...
 
 
 def session_name(doc: dict[str, Any]) -> str:
@@ -96,37 +90,14 @@ def completion_events(
     return envelopes
 
 
-class UserDeletedHandler:
-    """Erases a deleted user's workout data and answers the deletion saga with DataErased."""
+def eraser(routines: RoutineRepository, sessions: SessionRepository, records: RecordRepository) -> Eraser:
+    """What erasing a deleted user means here: every routine, session and record of theirs."""
 
-    def __init__(self, routines: RoutineRepository, sessions: SessionRepository, records: RecordRepository,
-                 sink: EventSink) -> None:
-        """Erase through the repositories; publish DataErased through ``sink``."""
-        self._routines = routines
-        self._sessions = sessions
-        self._records = records
-        self._sink = sink
-
-    async def __call__(self, envelope: events_pb2.EventEnvelope) -> None:
-        """Handle one event of the user stream; anything but UserDeleted is not ours and is ignored."""
-        if envelope.WhichOneof("payload") != "user_deleted":
-            return
-        user_id = envelope.user.removeprefix("users/")
-        request_id = envelope.user_deleted.deletion_request_id
-        # Deleting is idempotent, so a redelivered event simply finds nothing left to delete.
-        erased = {
-            "routines": await self._routines.erase_user(user_id),
-            "sessions": await self._sessions.erase_user(user_id),
-            "records": await self._records.erase_user(user_id),
+    async def erase(user_id: str) -> Mapping[str, int]:
+        return {
+            "routines": await routines.erase_user(user_id),
+            "sessions": await sessions.erase_user(user_id),
+            "records": await records.erase_user(user_id),
         }
-        erased_at = now()
-        await self._sink.add(
-            make_envelope(
-                PRODUCER, user_id,
-                events_pb2.DataErased(service=PRODUCER, deletion_request_id=request_id,
-                                      erase_time=to_timestamp(erased_at)),
-                event_id=fact_id("workout.data_erased", request_id), occur_time=erased_at,
-            )
-        )
-        log.info("erased a deleted user's workout data",
-                 extra={"fields": {"user": user_id, "deletion_request_id": request_id, **erased}})
+
+    return erase

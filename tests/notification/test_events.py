@@ -96,7 +96,7 @@ async def test_user_deleted_erases_data_and_answers_data_erased(env: Notificatio
             stream.cancel()
     # The answer waits in the outbox (the runtime's relay publishes it); its id is deterministic.
     entry = await env.replicas[0].resources.store.collection(OUTBOX).get(
-        fact_id("notification.data_erased", deletion, ada.user_id))
+        fact_id("notification.data_erased", deletion))
     assert entry is not None
     answer = events_pb2.EventEnvelope.FromString(base64.b64decode(entry["envelope"]))
     assert (answer.producer, answer.user) == ("notification", ada.name)

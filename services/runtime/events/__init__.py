@@ -34,6 +34,7 @@ from services.runtime.events.bus import (
 )
 from services.runtime.events.embedded import EmbeddedBus
 from services.runtime.events.envelope import SERVICE_STREAMS, fact_id, make_envelope, stream_of, trace_carrier
+from services.runtime.events.erasure import Eraser, EventSink, UserDeletedHandler, data_erased
 from services.runtime.events.outbox import OUTBOX, Outbox
 from services.runtime.events.redis_streams import RedisStreamsBus
 from services.runtime.settings import Settings
@@ -45,12 +46,16 @@ __all__ = [
     "BusTuning",
     "DeadLetter",
     "EmbeddedBus",
+    "Eraser",
     "EventBus",
     "EventMetrics",
+    "EventSink",
     "Handler",
     "Job",
     "Outbox",
     "RedisStreamsBus",
+    "UserDeletedHandler",
+    "data_erased",
     "dead_letter_stream",
     "fact_id",
     "make_envelope",
