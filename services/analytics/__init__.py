@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import grpc
 from fittracker.analytics.v1 import analytics_service_pb2_grpc
 
 from services.analytics.projector import Clock, Projector
 from services.analytics.repository import AnalyticsRepository
 from services.analytics.service import PUBLIC_METHODS, SERVICE, AnalyticsService
-from services.runtime.events import Outbox, stream_of
+from services.runtime.events import stream_of
 from services.runtime.resources import Resources
 from services.runtime.server import ServiceDefinition
 from services.runtime.settings import Settings
@@ -27,20 +26,15 @@ async def assemble(settings: Settings, resources: Resources, *, clock: Clock = n
     """``build`` with the clock as a dependency, so that tests can fix "today"."""
     repo = AnalyticsRepository(resources.store)
     await repo.ensure()
-    outbox = Outbox(resources.store, resources.events)
-    await outbox.ensure()
+    outbox = await resources.outbox()
     projector = Projector(repo, outbox, clock)
     consumer = resources.events.consumer(
         CONSUMER_GROUP, [stream_of("workout"), stream_of("user")], projector.handle, resources.store
     )
     servicer = AnalyticsService(repo, resources.page_tokens, clock)
 
-    def register(server: grpc.aio.Server) -> None:
-        analytics_service_pb2_grpc.add_AnalyticsServiceServicer_to_server(servicer, server)
-
-    return ServiceDefinition(
-        service_names=[SERVICE],
-        register=register,
+    return ServiceDefinition.serving(
+        servicer, analytics_service_pb2_grpc.add_AnalyticsServiceServicer_to_server, SERVICE,
         public_methods=PUBLIC_METHODS,
         background=[consumer, outbox.relay],
     )

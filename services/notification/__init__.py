@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
-import grpc
 from fittracker.notification.v1 import notification_service_pb2_grpc
 
 from services.notification.config import NotificationConfig
@@ -22,7 +21,6 @@ from services.notification.providers.http import HttpClient
 from services.notification.providers.sms import SmsProvider
 from services.notification.repository import DeviceRepository, NotificationRepository
 from services.notification.service import PUBLIC_METHODS, SERVICE, NotificationService
-from services.runtime.events import Outbox
 from services.runtime.resources import Resources
 from services.runtime.server import ServiceDefinition
 from services.runtime.settings import Settings, SettingsError
@@ -59,10 +57,9 @@ async def build(settings: Settings, resources: Resources) -> ServiceDefinition:
     config = NotificationConfig.from_env({**os.environ, **settings.extra}, environment=settings.environment)
     notifications = NotificationRepository(resources.store, timedelta(days=config.retention_days))
     devices = DeviceRepository(resources.store)
-    outbox = Outbox(resources.store, resources.events)
+    outbox = await resources.outbox()
     await notifications.ensure()
     await devices.ensure()
-    await outbox.ensure()
     directory = Directory(resources.client("user"), resources.client("workout"), resources.service_credentials)
     providers = build_providers(config)
     dispatcher = Dispatcher(config, notifications, devices, directory, resources.counters, providers, now)
@@ -74,17 +71,13 @@ async def build(settings: Settings, resources: Resources) -> ServiceDefinition:
     consumer = resources.events.consumer(CONSUMER_GROUP, STREAMS, handler, resources.store)
     servicer = NotificationService(config, notifications, devices, directory, notifier, hub, resources.page_tokens)
 
-    def register(server: grpc.aio.Server) -> None:
-        notification_service_pb2_grpc.add_NotificationServiceServicer_to_server(servicer, server)
-
     async def close() -> None:
         await notifier.close()
         await providers.close()
         await hub.close()
 
-    return ServiceDefinition(
-        service_names=[SERVICE],
-        register=register,
+    return ServiceDefinition.serving(
+        servicer, notification_service_pb2_grpc.add_NotificationServiceServicer_to_server, SERVICE,
         public_methods=PUBLIC_METHODS,
         background=[hub.run, worker.run, consumer, outbox.relay],
         close=close,

@@ -11,7 +11,7 @@ from services.runtime.auth import JWKS_FILE, ServiceCredentials, TokenVerifier
 from services.runtime.cache import Cache, CacheMetrics, Codec
 from services.runtime.clients import ChannelPool, ServiceClient
 from services.runtime.counters import Counters, RedisCounters, StoreCounters
-from services.runtime.events import EventBus, open_bus
+from services.runtime.events import EventBus, Outbox, open_bus
 from services.runtime.observability import Metrics
 from services.runtime.paging import PageTokens, load_key
 from services.runtime.revocation import RedisRevocationLog, RevocationLog, Revocations, StoreRevocationLog
@@ -105,6 +105,12 @@ class Resources:
             )),
             _extra_stores=extra_stores,
         )
+
+    async def outbox(self) -> Outbox:
+        """A new outbox on this service's store and bus, its collection ready."""
+        outbox = Outbox(self.store, self.events)
+        await outbox.ensure()
+        return outbox
 
     def client(self, service: ServiceName) -> ServiceClient:
         """The shared client of another service, at its configured address."""

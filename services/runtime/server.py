@@ -16,7 +16,7 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,6 +32,7 @@ from services.runtime.settings import ServiceName, Settings, SettingsError
 log = logging.getLogger("fittracker.server")
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+S = TypeVar("S")
 
 
 @dataclass
@@ -51,6 +52,29 @@ class ServiceDefinition:
     #: Called as draining starts (health already NOT_SERVING), e.g. to end long-lived streams so
     #: their clients reconnect to another replica instead of waiting out the grace period.
     on_drain: Callable[[], Awaitable[None]] | None = None
+
+
+    @classmethod
+    def serving(
+        cls,
+        servicer: S,
+        add_to_server: Callable[[S, grpc.aio.Server], None],
+        service_name: str,
+        *,
+        public_methods: Collection[str] = (),
+        background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = (),
+        close: Callable[[], Awaitable[None]] | None = None,
+        on_drain: Callable[[], Awaitable[None]] | None = None,
+    ) -> ServiceDefinition:
+        """The definition of one servicer, added by its generated ``add_*Servicer_to_server``."""
+        return cls(
+            service_names=[service_name],
+            register=lambda server: add_to_server(servicer, server),
+            public_methods=public_methods,
+            background=background,
+            close=close,
+            on_drain=on_drain,
+        )
 
 
 Builder = Callable[[Settings, Resources], Awaitable[ServiceDefinition]]

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import grpc
 from fittracker.user.v1 import user_service_pb2_grpc
 
 from services.runtime.auth import load_or_create_signing_key, public_jwk
 from services.runtime.cache import DocumentCodec
-from services.runtime.events import Outbox
 from services.runtime.resources import Resources
 from services.runtime.server import ServiceDefinition
 from services.runtime.settings import Settings
@@ -38,8 +36,7 @@ async def build(settings: Settings, resources: Resources) -> ServiceDefinition:
     )
     await users.ensure()
     await tokens.ensure()
-    outbox = Outbox(resources.store, resources.events)
-    await outbox.ensure()
+    outbox = await resources.outbox()
     registrations = Registrations(resources.store, timedelta(seconds=REGISTER_IDEMPOTENCY_SECONDS))
     await registrations.ensure()
     deletions = DeletionSaga(resources.store, users, outbox, erasure_delay_seconds=settings.erasure_delay)
@@ -56,12 +53,8 @@ async def build(settings: Settings, resources: Resources) -> ServiceDefinition:
         deletions=deletions,
     )
 
-    def register(server: grpc.aio.Server) -> None:
-        user_service_pb2_grpc.add_UserServiceServicer_to_server(servicer, server)
-
-    return ServiceDefinition(
-        service_names=[SERVICE],
-        register=register,
+    return ServiceDefinition.serving(
+        servicer, user_service_pb2_grpc.add_UserServiceServicer_to_server, SERVICE,
         public_methods=PUBLIC_METHODS,
         background=[
             outbox.relay, deletions.consumer(resources.events, resources.store), deletions.announcer,

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import grpc
 from fittracker.workout.v1 import workout_service_pb2_grpc
 
-from services.runtime.events import Outbox, UserDeletedHandler, stream_of
+from services.runtime.events import UserDeletedHandler, stream_of
 from services.runtime.resources import Resources
 from services.runtime.server import ServiceDefinition
 from services.runtime.settings import Settings
@@ -24,8 +23,7 @@ async def build(settings: Settings, resources: Resources) -> ServiceDefinition:
     routines = RoutineRepository(resources.store)
     sessions = SessionRepository(resources.store)
     records = RecordRepository(resources.store)
-    outbox = Outbox(resources.store, resources.events)
-    await outbox.ensure()
+    outbox = await resources.outbox()
     completer = Completer(sessions, records, outbox, catalog)
     servicer = WorkoutService(catalog, routines, sessions, records, completer, resources.page_tokens)
     erase_deleted_users = resources.events.consumer(
@@ -33,12 +31,8 @@ async def build(settings: Settings, resources: Resources) -> ServiceDefinition:
         resources.store,
     )
 
-    def register(server: grpc.aio.Server) -> None:
-        workout_service_pb2_grpc.add_WorkoutServiceServicer_to_server(servicer, server)
-
-    return ServiceDefinition(
-        service_names=[SERVICE],
-        register=register,
+    return ServiceDefinition.serving(
+        servicer, workout_service_pb2_grpc.add_WorkoutServiceServicer_to_server, SERVICE,
         public_methods=PUBLIC_METHODS,
         background=[outbox.relay, erase_deleted_users, completer.sweep],
     )
