@@ -34,7 +34,7 @@ from services.ai.repository import (
     plan_to_document,
 )
 from services.ai.training import equipment_name, goal_profile, join_words
-from services.runtime import auth, paging
+from services.runtime import paging
 from services.runtime.errors import (
     Aborted,
     DomainError,
@@ -43,6 +43,7 @@ from services.runtime.errors import (
     NotFound,
     Unavailable,
 )
+from services.runtime.names import USER, Pattern
 from services.runtime.storage import Document
 from services.runtime.timeutil import now, to_timestamp
 
@@ -64,6 +65,7 @@ REQUEST_ID_NAMESPACE = uuid.UUID("0b8f3a53-6f7e-4a51-9d1c-2f5e8c7a4b10")
 _REQUEST_FIELDS = ("display_name", "goal", "days_per_week", "week_count", "start_date", "equipment")
 
 Context = grpc.aio.ServicerContext[Any, Any]
+PLAN = Pattern("users/{user}/plans/{plan}")
 T = TypeVar("T")
 
 
@@ -79,13 +81,6 @@ class QuotaExceeded(DomainError):
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "QUOTA_EXCEEDED"
-
-
-def user_of(name: str) -> str:
-    """The user id of "users/{user}", with "me" resolved to the caller; the caller must own it."""
-    user_id = auth.resolve_user_id(name.removeprefix("users/").split("/", 1)[0])
-    auth.require_owner(user_id)
-    return user_id
 
 
 def analyze(request: ai_service_pb2.AnalyzeFormRequest) -> ai_pb2.FormAnalysis:
@@ -154,7 +149,7 @@ class AiService(ai_service_pb2_grpc.AiServiceServicer):
         self, request: ai_service_pb2.RecommendNextWorkoutRequest, context: Context
     ) -> ai_pb2.Recommendation:
         """Recommend the next workout; degraded rather than failed when a dependency is down."""
-        user_id = user_of(request.user)
+        user_id = USER.owner(request.user, "user")
         deadline = self._deadline(context)
         current = now()
         since = current - timedelta(days=HISTORY_DAYS)
@@ -203,7 +198,7 @@ class AiService(ai_service_pb2_grpc.AiServiceServicer):
         self, request: ai_service_pb2.CreatePlanRequest, context: Context
     ) -> ai_pb2.Plan:
         """Design and store a plan (idempotent under request_id)."""
-        user_id = user_of(request.parent)
+        user_id = USER.owner(request.parent, "parent")
         wanted = request.plan
         plan_id = (uuid.uuid5(REQUEST_ID_NAMESPACE, f"{user_id}:{request.request_id}").hex
                    if request.request_id else uuid.uuid4().hex)
@@ -262,7 +257,7 @@ class AiService(ai_service_pb2_grpc.AiServiceServicer):
         self, request: ai_service_pb2.ListPlansRequest, context: Context
     ) -> ai_service_pb2.ListPlansResponse:
         """List the caller's plans, newest first."""
-        user_id = user_of(request.parent)
+        user_id = USER.owner(request.parent, "parent")
         size = request.page_size or DEFAULT_PAGE_SIZE
         query = paging.fingerprint("plans", user_id)
         position = self._pages.decode(request.page_token, query)
@@ -318,9 +313,8 @@ class AiService(ai_service_pb2_grpc.AiServiceServicer):
     # --- helpers ------------------------------------------------------------------------------
 
     async def _owned_plan(self, name: str) -> Document:
-        user_id = user_of(name)
-        plan_id = name.rsplit("/", 1)[-1]
-        doc = await self._plans.get(user_id, plan_id)
+        user_id, ids = PLAN.owned(name)
+        doc = await self._plans.get(user_id, ids["plan"])
         if doc is None:
             raise NotFound(f"{name} not found")
         return doc

@@ -31,6 +31,7 @@ from services.analytics.projector import Clock
 from services.analytics.repository import AnalyticsRepository
 from services.runtime import auth, paging
 from services.runtime.errors import InvalidArgument, NotFound
+from services.runtime.names import USER, Pattern
 from services.runtime.storage import Document
 from services.runtime.timeutil import from_timestamp, now, to_timestamp
 
@@ -49,6 +50,9 @@ SEAL_AFTER_DAYS = 2
 ZONE_SLACK = timedelta(days=1)
 
 Context = grpc.aio.ServicerContext[Any, Any]
+STATS = Pattern("users/{user}/stats")
+PERIOD_REPORT = Pattern("users/{user}/periodReport")
+EXERCISE_TREND = Pattern("users/{user}/exerciseTrends/{exercise}")
 
 
 class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
@@ -84,8 +88,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         self, request: analytics_service_pb2.GetUserStatsRequest, context: Context
     ) -> analytics_pb2.UserStats:
         """The stats document, plus this week's and month's sessions from one or two month documents."""
-        segment = request.name.removeprefix("users/").removesuffix("/stats")
-        user_id, stats = await self._owned(segment)
+        user_id, stats = await self._owned(STATS.parse(request.name)["user"])
         today = self._clock().astimezone(zone(stats.get("time_zone", "UTC"))).date()
         week, month = monday_of(today), month_key(today)
         docs = await self._repo.month_docs(user_id, month_key(week), month) if stats else []
@@ -127,7 +130,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         end = from_timestamp(request.end_time, "end_time") if request.HasField("end_time") else None
         if start is not None and end is not None and end <= start:
             raise InvalidArgument.field("end_time", "must be after start_time")
-        user_id, _ = await self._owned(request.parent.removeprefix("users/"))
+        user_id, _ = await self._owned(USER.parse(request.parent, "parent")["user"])
         exercise = request.exercise.removeprefix("exercises/")
         filters: list[dict[str, Any]] = [{"user_id": user_id}]
         if exercise:
@@ -164,7 +167,8 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         self, request: analytics_service_pb2.GetExerciseTrendRequest, context: Context
     ) -> analytics_pb2.ExerciseTrend:
         """Trend points grouped from the exercise's month documents that overlap the range."""
-        _, segment, _, exercise_id = request.name.split("/")
+        trend = EXERCISE_TREND.parse(request.name)
+        segment, exercise_id = trend["user"], trend["exercise"]
         start = from_timestamp(request.start_time, "start_time")
         end = from_timestamp(request.end_time, "end_time") if request.HasField("end_time") else self._clock()
         if end <= start:
@@ -220,8 +224,7 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
         if end - start > MAX_PERIOD:
             raise InvalidArgument.field("end_time", "the period must not be longer than 366 days")
         previous_start = start - (end - start)
-        segment = request.name.removeprefix("users/").removesuffix("/periodReport")
-        user_id, stats = await self._owned(segment)
+        user_id, stats = await self._owned(PERIOD_REPORT.parse(request.name)["user"])
         docs = (
             await self._repo.month_docs(
                 user_id, month_key((previous_start - ZONE_SLACK).date()), month_key((end + ZONE_SLACK).date())

@@ -23,6 +23,7 @@ from services.notification.stream import Stream
 from services.runtime import auth, paging
 from services.runtime.errors import DomainError, InvalidArgument, NotFound
 from services.runtime.interceptors import call_deadline
+from services.runtime.names import USER, Pattern
 from services.runtime.storage import Document
 from services.runtime.timeutil import now
 
@@ -36,6 +37,8 @@ MAX_DEVICES_PER_USER = 20
 SEND_WAIT_SHARE = 0.8
 
 Context = grpc.aio.ServicerContext[Any, Any]
+NOTIFICATION = Pattern("users/{user}/notifications/{id}")
+DEVICE = Pattern("users/{user}/devices/{id}")
 
 
 class TooManyDevices(DomainError):
@@ -43,10 +46,6 @@ class TooManyDevices(DomainError):
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "DEVICE_LIMIT"
-
-
-def _segments(name: str) -> list[str]:
-    return name.split("/")
 
 
 class NotificationService(notification_service_pb2_grpc.NotificationServiceServicer):
@@ -112,7 +111,7 @@ class NotificationService(notification_service_pb2_grpc.NotificationServiceServi
         self, request: notification_service_pb2.GetNotificationRequest, context: Context
     ) -> notification_pb2.Notification:
         """One notification of the caller."""
-        user_id, notification_id = self._child(request.name)
+        user_id, notification_id = self._child(NOTIFICATION, request.name)
         doc = await self._notifications.get(user_id, notification_id)
         if doc is None:
             raise NotFound(f"{request.name} not found")
@@ -122,7 +121,7 @@ class NotificationService(notification_service_pb2_grpc.NotificationServiceServi
         self, request: notification_service_pb2.MarkNotificationReadRequest, context: Context
     ) -> notification_pb2.Notification:
         """Set the read time once."""
-        user_id, notification_id = self._child(request.name)
+        user_id, notification_id = self._child(NOTIFICATION, request.name)
         doc = await self._notifications.mark_read(user_id, notification_id, now())
         if doc is None:
             raise NotFound(f"{request.name} not found")
@@ -200,7 +199,7 @@ class NotificationService(notification_service_pb2_grpc.NotificationServiceServi
         self, request: notification_service_pb2.DeleteDeviceRequest, context: Context
     ) -> notification_service_pb2.DeleteDeviceResponse:
         """Forget a device."""
-        user_id, device_id = self._child(request.name)
+        user_id, device_id = self._child(DEVICE, request.name)
         if not await self._devices.delete(user_id, device_id):
             raise NotFound(f"{request.name} not found")
         return notification_service_pb2.DeleteDeviceResponse()
@@ -215,7 +214,7 @@ class NotificationService(notification_service_pb2_grpc.NotificationServiceServi
         for field in ("title", "body"):
             if not getattr(request, field).strip():
                 raise InvalidArgument.field(field, "must not be blank")
-        user_id = auth.resolve_user_id(_segments(request.parent)[1])
+        user_id = auth.resolve_user_id(USER.parse(request.parent, "parent")["user"])
         channels = [notification_pb2.Channel.Name(c) for c in request.channels] if request.channels else None
         remaining = call_deadline.get()
         wait = self._config.provider_timeout_seconds
@@ -241,18 +240,13 @@ class NotificationService(notification_service_pb2_grpc.NotificationServiceServi
         A member's own id needs no check (their token proves the account); an admin or service
         naming someone else learns NOT_FOUND for an account that does not exist.
         """
-        user_id = auth.resolve_user_id(_segments(parent)[1])
+        user_id = auth.resolve_user_id(USER.parse(parent, "parent")["user"])
         principal = auth.require_owner(user_id)
         if principal.user_id != user_id:
             await self._directory.require_user(user_id)
         return user_id
 
-    def _child(self, name: str) -> tuple[str, str]:
+    def _child(self, pattern: Pattern, name: str) -> tuple[str, str]:
         """(user id, child id) of "users/{user}/<collection>/{id}", if the caller may use it."""
-        parts = _segments(name)
-        user_id = auth.resolve_user_id(parts[1])
-        try:
-            auth.require_owner(user_id)
-        except NotFound:
-            raise NotFound(f"{name} not found") from None
-        return user_id, parts[3]
+        user_id, ids = pattern.owned(name)
+        return user_id, ids["id"]

@@ -31,6 +31,7 @@ from services.runtime.errors import (
 )
 from services.runtime.events import EventBus, Job, Outbox, fact_id, make_envelope, stop_if_cancelled, stream_of
 from services.runtime.fieldmask import apply_update_mask
+from services.runtime.names import USER, Pattern
 from services.runtime.settings import ServiceName, Settings
 from services.runtime.storage import CollectionSpec, Document, DocumentStore, IndexSpec
 from services.runtime.timeutil import now, to_timestamp
@@ -71,10 +72,12 @@ def default_preferences() -> dict[str, Any]:
     }
 
 
-def user_id_of(name: str, suffix: str = "") -> str:
-    """The ``{user}`` of "users/{user}" + suffix, with "me" resolved to the caller."""
-    segment = name.removeprefix("users/").removesuffix(suffix)
-    return auth.resolve_user_id(segment)
+PREFERENCES = Pattern("users/{user}/preferences")
+
+
+def user_id_of(name: str, pattern: Pattern = USER, field_name: str = "name") -> str:
+    """The ``{user}`` of ``name`` (per ``pattern``), with "me" resolved to the caller."""
+    return auth.resolve_user_id(pattern.parse(name, field_name)["user"])
 
 
 class UserService(user_service_pb2_grpc.UserServiceServicer):
@@ -231,7 +234,7 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         self, request: user_service_pb2.UpdateUserRequest, context: Context
     ) -> user_pb2.User:
         """Apply the masked profile fields."""
-        user_id = user_id_of(request.user.name)
+        user_id = user_id_of(request.user.name, USER, "user.name")
         stored = await self._owned(user_id)
         current = self._to_user(stored)
         updated, paths = apply_update_mask(current, request.user, request.update_mask, PROFILE_FIELDS)
@@ -270,14 +273,14 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         self, request: user_service_pb2.GetPreferencesRequest, context: Context
     ) -> user_pb2.Preferences:
         """The caller's preferences."""
-        user_id = user_id_of(request.name, "/preferences")
+        user_id = user_id_of(request.name, PREFERENCES)
         return self._to_preferences(await self._owned(user_id))
 
     async def UpdatePreferences(  # noqa: N802
         self, request: user_service_pb2.UpdatePreferencesRequest, context: Context
     ) -> user_pb2.Preferences:
         """Apply the masked preferences."""
-        user_id = user_id_of(request.preferences.name, "/preferences")
+        user_id = user_id_of(request.preferences.name, PREFERENCES, "preferences.name")
         current = self._to_preferences(await self._owned(user_id))
         updated, _ = apply_update_mask(current, request.preferences, request.update_mask, PREFERENCE_FIELDS)
         updated.ClearField("name")

@@ -12,9 +12,10 @@ import grpc
 from fittracker.common.v1 import fitness_pb2
 from fittracker.workout.v1 import workout_pb2, workout_service_pb2, workout_service_pb2_grpc
 
-from services.runtime import auth, paging
+from services.runtime import paging
 from services.runtime.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from services.runtime.fieldmask import apply_update_mask
+from services.runtime.names import USER, Pattern
 from services.runtime.storage import Document, DuplicateKeyError
 from services.runtime.timeutil import from_timestamp, now, to_timestamp
 from services.workout.catalog import Catalog, fold
@@ -58,32 +59,12 @@ SESSION_NAMESPACE = uuid.UUID("5a0f7a8e-2b7e-4d1d-9c1b-6f6e1d2c9a02")
 SET_NAMESPACE = uuid.UUID("c4e1d9b2-7f3a-4e8b-b5d6-2a9c8e7f1d03")
 
 Context = grpc.aio.ServicerContext[Any, Any]
+ROUTINE = Pattern("users/{user}/routines/{routine}")
+SESSION = Pattern("users/{user}/sessions/{session}")
+SET = Pattern("users/{user}/sessions/{session}/sets/{set}")
 
 
 # --- names and ownership --------------------------------------------------------------------------
-
-
-def _segments(name: str, *collections: str) -> list[str]:
-    """The ids of "users/{u}/<collections[0]>/{a}/..." (the contract's rules checked the shape)."""
-    parts = name.split("/")
-    expected = ("users", *collections)
-    if len(parts) != 2 * len(expected) or tuple(parts[0::2]) != expected:
-        raise InvalidArgument.field("name", f"{name!r} is not a {'/'.join(expected)} name")
-    return parts[1::2]
-
-
-def _owner(user_segment: str, resource: str) -> str:
-    """The user id of ``user_segment`` ("me" is the caller), if the caller may reach it.
-
-    Another member's data answers NOT_FOUND naming the resource asked for, so a caller learns
-    nothing about what exists.
-    """
-    user_id = auth.resolve_user_id(user_segment)
-    try:
-        auth.require_owner(user_id)
-    except NotFound:
-        raise NotFound(f"{resource} not found") from None
-    return user_id
 
 
 def _ms(value: datetime) -> datetime:
@@ -283,8 +264,7 @@ class WorkoutService(workout_service_pb2_grpc.WorkoutServiceServicer):
         self, request: workout_service_pb2.CreateRoutineRequest, context: Context
     ) -> workout_pb2.Routine:
         """Create a routine; idempotent under request_id."""
-        (user_segment,) = _segments(request.parent)
-        user_id = _owner(user_segment, request.parent)
+        user_id = USER.owner(request.parent, "parent")
         routine = request.routine
         if not routine.display_name.strip():
             raise InvalidArgument.field("routine.display_name", "must not be empty")
@@ -315,8 +295,8 @@ class WorkoutService(workout_service_pb2_grpc.WorkoutServiceServicer):
         return _to_routine(await self._routines.create(doc))
 
     async def _owned_routine(self, name: str) -> tuple[str, Document]:
-        user_segment, routine_id = _segments(name, "routines")
-        user_id = _owner(user_segment, name)
+        user_id, ids = ROUTINE.owned(name)
+        routine_id = ids["routine"]
         doc = await self._routines.get(user_id, routine_id)
         if doc is None:
             raise NotFound(f"{name} not found")
@@ -333,8 +313,7 @@ class WorkoutService(workout_service_pb2_grpc.WorkoutServiceServicer):
         self, request: workout_service_pb2.ListRoutinesRequest, context: Context
     ) -> workout_service_pb2.ListRoutinesResponse:
         """The caller's routines, most recently changed first."""
-        (user_segment,) = _segments(request.parent)
-        user_id = _owner(user_segment, request.parent)
+        user_id = USER.owner(request.parent, "parent")
         query = paging.fingerprint("routines", user_id)
         after = _time_key(self._pages.decode(request.page_token, query))
         size = paging.page_size(request.page_size, DEFAULT_ROUTINE_PAGE)
@@ -387,14 +366,13 @@ class WorkoutService(workout_service_pb2_grpc.WorkoutServiceServicer):
         self, request: workout_service_pb2.StartSessionRequest, context: Context
     ) -> workout_pb2.Session:
         """Start a session, empty or from a routine; at most one in progress per user."""
-        (user_segment,) = _segments(request.parent)
-        user_id = _owner(user_segment, request.parent)
+        user_id = USER.owner(request.parent, "parent")
         routine: Document | None = None
         if request.routine:
-            routine_user, routine_id = _segments(request.routine, "routines")
-            if auth.resolve_user_id(routine_user) != user_id:
+            routine_user, ids = ROUTINE.owned(request.routine, "routine")
+            if routine_user != user_id:
                 raise NotFound(f"{request.routine} not found")
-            routine = await self._routines.get(user_id, routine_id)
+            routine = await self._routines.get(user_id, ids["routine"])
             if routine is None:
                 raise NotFound(f"{request.routine} not found")
         started = _not_future(from_timestamp(request.start_time, "start_time"), "start_time") if request.HasField(
@@ -446,8 +424,8 @@ class WorkoutService(workout_service_pb2_grpc.WorkoutServiceServicer):
         return _to_session(stored)
 
     async def _owned_session(self, name: str) -> tuple[str, Document]:
-        user_segment, session_id = _segments(name, "sessions")
-        user_id = _owner(user_segment, name)
+        user_id, ids = SESSION.owned(name)
+        session_id = ids["session"]
         doc = await self._sessions.get(user_id, session_id)
         if doc is None:
             raise NotFound(f"{name} not found")
@@ -464,8 +442,7 @@ class WorkoutService(workout_service_pb2_grpc.WorkoutServiceServicer):
         self, request: workout_service_pb2.ListSessionsRequest, context: Context
     ) -> workout_service_pb2.ListSessionsResponse:
         """The workout history, newest start first, optionally within a time range and state."""
-        (user_segment,) = _segments(request.parent)
-        user_id = _owner(user_segment, request.parent)
+        user_id = USER.owner(request.parent, "parent")
         flt: dict[str, Any] = {}
         bounds: dict[str, datetime] = {}
         if request.HasField("start_time"):
@@ -492,8 +469,8 @@ class WorkoutService(workout_service_pb2_grpc.WorkoutServiceServicer):
         self, request: workout_service_pb2.LogSetRequest, context: Context
     ) -> workout_pb2.WorkoutSet:
         """Append a set to a session in progress; idempotent under request_id."""
-        user_segment, session_id = _segments(request.parent, "sessions")
-        user_id = _owner(user_segment, request.parent)
+        user_id, ids = SESSION.owned(request.parent, "parent")
+        session_id = ids["session"]
         if not request.set.exercise:
             raise InvalidArgument.field("set.exercise", "is required")
         _check_amounts(request.set, "set")
@@ -527,8 +504,8 @@ class WorkoutService(workout_service_pb2_grpc.WorkoutServiceServicer):
 
     async def _change_sets(self, name: str, change: Any) -> Document | None:
         """Run ``change(session, set) -> (new sets, result)`` against the session's current version."""
-        user_segment, session_id, set_id = _segments(name, "sessions", "sets")
-        user_id = _owner(user_segment, name)
+        user_id, ids = SET.owned(name)
+        session_id, set_id = ids["session"], ids["set"]
         for _ in range(MAX_ATTEMPTS):
             session = await self._sessions.get(user_id, session_id)
             current = next((s for s in session["sets"] if s["id"] == set_id), None) if session else None
@@ -634,8 +611,7 @@ class WorkoutService(workout_service_pb2_grpc.WorkoutServiceServicer):
         self, request: workout_service_pb2.ListPersonalRecordsRequest, context: Context
     ) -> workout_service_pb2.ListPersonalRecordsResponse:
         """The user's current records, by exercise then kind (then weight)."""
-        (user_segment,) = _segments(request.parent)
-        user_id = _owner(user_segment, request.parent)
+        user_id = USER.owner(request.parent, "parent")
         flt: dict[str, Any] = {}
         if request.exercise:
             flt["exercise"] = request.exercise
