@@ -11,9 +11,10 @@ from services.runtime.cache import DocumentCodec
 from services.runtime.resources import Resources
 from services.runtime.server import ServiceDefinition
 from services.runtime.settings import Settings
+from services.user.deletion import DeletionSaga
 from services.user.passwords import Passwords
 from services.user.repository import Registrations, UserRepository
-from services.user.service import PUBLIC_METHODS, SERVICE, DeletionSaga, UserService
+from services.user.service import PUBLIC_METHODS, SERVICE, UserService
 from services.user.tokens import TokenService
 
 #: How long a Register request id keeps answering with the account it created (retries of one

@@ -18,8 +18,8 @@ from fittracker.user.v1 import user_service_pb2
 
 from services.runtime.events import OUTBOX, EmbeddedBus, Outbox, RedisStreamsBus, fact_id, make_envelope, stream_of
 from services.runtime.storage import DocumentStore, EmbeddedStore, open_store
+from services.user.deletion import DELETIONS, ERASING_SERVICES, DeletionSaga
 from services.user.repository import UserRepository
-from services.user.service import DELETIONS, ERASING_SERVICES, DeletionSaga
 from tests.events.conftest import FAST
 from tests.events.support import Recorder, drained, eventually, running
 from tests.support import bearer
