@@ -85,6 +85,7 @@ from tools.bench_common import (
     svg_bars,
     write_json,
 )
+from tools.bench_servers import ABLATIONS
 from tools.devstack import Stack
 from tools.envoy_config import Limit
 from tools.loadtest import quiet_stack
@@ -304,6 +305,14 @@ class Bench:
         return Server(f"{mode} server", [sys.executable, "-m", "tools.bench_servers", mode, "--port", str(port),
                                          "--threads", str(SYNC_THREADS)], env, port, self._log(mode), health=False)
 
+    def ablated(self, concern: str) -> Server:
+        """The user service on the runtime with ``concern`` turned off (tools/bench_servers.py ablate)."""
+        port = free_port()
+        env = {**self.env, "FITTRACKER_PORT": str(port)}
+        return Server(f"runtime without {concern}",
+                      [sys.executable, "-m", "tools.bench_servers", "ablate", "--port", str(port),
+                       "--without", concern], env, port, self._log(f"without-{concern}"), health=True)
+
     def _log(self, name: str) -> Path | None:
         if not self.args.keep_logs:
             return None
@@ -404,6 +413,11 @@ class Bench:
         self.progress.note("[bench] bare grpc.aio server (no interceptors)")
         with self.reference("bare") as bare:
             self.ghz("empty.bare", "empty RPC, bare grpc.aio server", bare.address, EMPTY_CALL)
+        for concern in ABLATIONS:
+            self.progress.note(f"[bench] ablation: the runtime without {concern}")
+            with self.ablated(concern) as ablated:
+                self.ghz(f"empty.without.{concern}", f"empty RPC, shared runtime without {concern}",
+                         ablated.address, EMPTY_CALL)
         self.progress.note(f"[bench] thread-pool peer (grpc.server + ThreadPoolExecutor({SYNC_THREADS}))")
         with self.reference("sync") as sync:
             self.ghz("empty.sync", "empty RPC, sync thread-pool server", sync.address, EMPTY_CALL)
@@ -683,6 +697,25 @@ def _rps(figures: Mapping[str, Figure], name: str) -> float | None:
     return figure.peak.rps if figure and figure.peak and figure.peak.rps > 0 else None
 
 
+def ablation(figures: Mapping[str, Figure]) -> list[dict[str, Any]]:
+    """What each concern costs: the share of the runtime's own cost that turning it off alone removes.
+
+    ``cost`` is 1 - whole/without (the throughput the concern takes); the last row, the whole
+    runtime against the bare server, is what all of them together take, to set the sum against.
+    """
+    whole, bare = _rps(figures, "empty.runtime"), _rps(figures, "empty.bare")
+    rows: list[dict[str, Any]] = []
+    for concern in ABLATIONS:
+        without = _rps(figures, f"empty.without.{concern}")
+        cost = 1 - whole / without if whole and without else None
+        rows.append({"concern": concern, "rps_without": without, "cost": cost})
+    costs = [r["cost"] for r in rows if r["cost"] is not None]
+    rows.append({"concern": "sum of the above", "rps_without": None, "cost": sum(costs) if costs else None})
+    rows.append({"concern": "whole runtime (vs bare grpc.aio)", "rps_without": bare,
+                 "cost": 1 - whole / bare if whole and bare else None})
+    return rows
+
+
 def ratios(figures: Mapping[str, Figure], cache: Mapping[str, Any], read: ReadPath) -> list[Ratio]:
     """Each ratio the targets are stated in, from this run's figures."""
     shared = "ghz shares the 2 cores with the servers, so each maximum is with the load generator on it"
@@ -813,6 +846,13 @@ def render(report: Mapping[str, Any], figures: Mapping[str, Figure], found: Sequ
              f"{per_call['revocation_check_ns']:.0f}"],
             ["deadline budget around a unary handler (asyncio.timeout)", f"{per_call['deadline_budget_ns']:.0f}"],
         ]))
+    ablated: list[dict[str, Any]] = report.get("ablation") or []
+    if ablated:
+        parts.append("<h2>Ablation: what each concern costs (empty RPC, turned off alone)</h2>")
+        parts.append(html_table(["concern", "rps without it", "share of throughput it takes"], [
+            [r["concern"], "" if r["rps_without"] is None else f"{r['rps_without']:,.0f}",
+             "n/a" if r["cost"] is None else f"{r['cost']:.1%}"] for r in ablated
+        ]))
     validation = report.get("validation") or {}
     if validation:
         parts.append("<h2>Request validation per valid message</h2>")
@@ -872,13 +912,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                    f"cost (no measured call hashes). The edge: Envoy with the stack's config, 1 replica, "
                    f"rate limits lifted (still evaluated), access log discarded."),
     }
-    report = {
+    ablation_rows = ablation(bench.figures)
+    report: dict[str, Any] = {
         "meta": meta,
         "ratios": [asdict(r) for r in found],
         "figures": {name: figure.as_dict() for name, figure in bench.figures.items()},
         "cache": bench.cache,
         "per_call": bench.per_call,
         "validation": bench.validation,
+        "ablation": ablation_rows,
     }
     write_json(run_dir / "bench.json", report)
     (run_dir / "bench.html").write_text(render(report, bench.figures, found))
@@ -887,6 +929,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         mark = "" if r.met is None else ("  met" if r.met else "  MISSED")
         value = "n/a" if r.value is None else f"{r.value:,.3f}"
         progress.note(f"{r.name:<78} {value:>12}  target {r.target}{mark}")
+    for row in ablation_rows:
+        cost = "n/a" if row["cost"] is None else f"{row['cost']:.1%}"
+        progress.note(f"ablation: {row['concern']:<36} {cost:>8}")
     if bench.per_call:
         progress.note(f"per call: revocation lookup {bench.per_call['revocation_check_ns']:.0f} ns, "
                       f"deadline budget {bench.per_call['deadline_budget_ns']:.0f} ns")

@@ -9,7 +9,11 @@ difference to ``python -m services.user`` on the same call is what the runtime c
 Python gRPC services (``grpc.server(ThreadPoolExecutor(N))``, handlers as plain functions) serving
 the same GetJwks reply, the user service's own, built once at start.
 
-Both read settings from ``FITTRACKER_*`` like the services, so they share the bench's keys.
+``python -m tools.bench_servers ablate --port P --without CONCERN`` is the user service on the
+shared runtime with one concern turned off (tracing, or one of the call pipeline's ``CONCERNS``):
+the difference to the whole runtime is what that concern costs.
+
+All read settings from ``FITTRACKER_*`` like the services, so they share the bench's keys.
 """
 
 from __future__ import annotations
@@ -19,14 +23,20 @@ import asyncio
 import signal
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import grpc
 from fittracker.user.v1 import user_service_pb2, user_service_pb2_grpc
 
+from services.runtime.interceptors import CONCERNS
 from services.runtime.resources import Resources
+from services.runtime.server import start_service
 from services.runtime.settings import Settings
 from services.user import build
+
+#: What the ablation can turn off: the tracing interceptor and each concern of the call pipeline.
+ABLATIONS = ("tracing", *CONCERNS)
 
 
 def sync_jwks_handler(reply: user_service_pb2.GetJwksResponse) -> grpc.GenericRpcHandler:
@@ -80,6 +90,17 @@ async def serve_bare(settings: Settings, port: int) -> None:
     await resources.close()
 
 
+async def serve_ablated(settings: Settings, port: int, without: str) -> None:
+    """The user service on the runtime without ``without``, until SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    running = await start_service(replace(settings, port=port), build, without=[without])
+    await stop.wait()
+    await running.stop(1)
+
+
 def serve_sync(settings: Settings, port: int, threads: int) -> None:
     """GetJwks on grpc.server(ThreadPoolExecutor(threads)), until SIGTERM."""
     reply = asyncio.run(jwks_reply(settings))
@@ -103,13 +124,18 @@ def serve_sync(settings: Settings, port: int, threads: int) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Run one reference server."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("bare", "sync"))
+    parser.add_argument("mode", choices=("bare", "sync", "ablate"))
+    parser.add_argument("--without", choices=ABLATIONS, help="the concern the ablate mode turns off")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--threads", type=int, default=16, help="thread-pool size of the sync server")
     args = parser.parse_args(argv)
     settings = Settings.from_env("user")
     if args.mode == "bare":
         asyncio.run(serve_bare(settings, args.port))
+    elif args.mode == "ablate":
+        if not args.without:
+            parser.error("ablate needs --without")
+        asyncio.run(serve_ablated(settings, args.port, args.without))
     else:
         serve_sync(settings, args.port, args.threads)
 

@@ -33,6 +33,8 @@ call_deadline: ContextVar[float | None] = ContextVar("call_deadline", default=No
 
 #: Services whose requests are not ours to authenticate or validate.
 INFRASTRUCTURE_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+#: The concerns of the call pipeline, each of which the bench's ablation can turn off alone.
+CONCERNS = ("auth", "validation", "metrics", "access_log", "deadline")
 #: A call arriving with less time than this left cannot do useful work.
 MIN_USEFUL_SECONDS = 0.002
 
@@ -76,8 +78,20 @@ class CallPipeline(grpc.aio.ServerInterceptor):
         revocations: Revocations | None = None,
         max_deadline_seconds: float,
         validator: RequestValidator | None = None,
+        without: Collection[str] = (),
     ) -> None:
-        """``public_methods`` are full method names ("/pkg.Service/Method") callable without a token."""
+        """``public_methods`` are full method names ("/pkg.Service/Method") callable without a token.
+
+        ``without`` turns concerns off (of ``CONCERNS``), only for the bench's ablation table, which
+        measures what each one costs; a service always runs them all.
+        """
+        unknown = set(without) - set(CONCERNS)
+        if unknown:
+            raise ValueError(f"unknown concerns {sorted(unknown)}; known: {', '.join(CONCERNS)}")
+        self._auth_on = "auth" not in without
+        self._validation_on = "validation" not in without
+        self._metrics_on = "metrics" not in without
+        self._deadline_on = "deadline" not in without
         self._metrics = metrics
         self._verifier = verifier
         self._revocations = revocations
@@ -85,6 +99,7 @@ class CallPipeline(grpc.aio.ServerInterceptor):
         self._max_deadline = max_deadline_seconds
         self._validator = validator or RequestValidator()
         self._access_log = AccessLog(log)
+        self._access_log_on = "access_log" not in without
         self._wrapped: dict[str, Handler] = {}
 
     async def intercept_service(
@@ -151,16 +166,21 @@ class CallPipeline(grpc.aio.ServerInterceptor):
         self, stats: MethodStats, public: bool, inner: Unary, request: Any, context: Context
     ) -> Any:
         started = monotonic()
-        stats.in_flight.inc()
+        if self._metrics_on:
+            stats.in_flight.inc()
         code = grpc.StatusCode.OK
         principal_token = deadline_token = None
         try:
-            deadline = self._check_deadline(context)
-            deadline_token = call_deadline.set(deadline)
-            principal_token = auth.set_principal(self._authenticate(context, public))
-            if not isinstance(request, AsyncIterator):  # a stream's messages are checked one by one
+            own_deadline = False
+            deadline = self._max_deadline
+            if self._deadline_on:
+                own_deadline, deadline = self._check_deadline(context)
+                deadline_token = call_deadline.set(deadline)
+            if self._auth_on:
+                principal_token = auth.set_principal(self._authenticate(context, public))
+            if self._validation_on and not isinstance(request, AsyncIterator):  # streams: per message
                 self._check_request(request)
-            if context.time_remaining() is not None and deadline < self._max_deadline:
+            if own_deadline or not self._deadline_on:
                 # gRPC itself cancels the handler at the client's deadline.
                 return await inner(request, context)
             # No handler outlives the longest deadline either: the deletion saga's erasure delay
@@ -195,13 +215,16 @@ class CallPipeline(grpc.aio.ServerInterceptor):
         streamed_request: bool,
     ) -> AsyncIterator[Any]:
         started = monotonic()
-        stats.in_flight.inc()
+        if self._metrics_on:
+            stats.in_flight.inc()
         code = grpc.StatusCode.OK
         principal_token = None
         try:
-            self._check_deadline(context)
-            principal_token = auth.set_principal(self._authenticate(context, public))
-            if not streamed_request:
+            if self._deadline_on:
+                self._check_deadline(context)
+            if self._auth_on:
+                principal_token = auth.set_principal(self._authenticate(context, public))
+            if self._validation_on and not streamed_request:
                 self._check_request(request)
             async for item in inner(request, context):
                 yield item
@@ -224,13 +247,16 @@ class CallPipeline(grpc.aio.ServerInterceptor):
             raise InvalidArgument.field("request", f"is not a valid {request.type_name} in protobuf wire format")
         self._validator.check(request)
 
-    def _check_deadline(self, context: Context) -> float:
+    def _check_deadline(self, context: Context) -> tuple[bool, float]:
+        """(whether gRPC ends the call at its own deadline before ours, the time the call has)."""
         remaining = context.time_remaining()
         if remaining is None:
-            return self._max_deadline
+            return False, self._max_deadline
         if remaining < MIN_USEFUL_SECONDS:
             raise DeadlineExceeded("the call's deadline passed before it could be handled")
-        return min(remaining, self._max_deadline)
+        if remaining < self._max_deadline:
+            return True, remaining
+        return False, self._max_deadline
 
     def _authenticate(self, context: Context, public: bool) -> auth.Principal | None:
         metadata = {k: v for k, v in context.invocation_metadata() or ()}
@@ -271,10 +297,11 @@ class CallPipeline(grpc.aio.ServerInterceptor):
 
     def _finish(self, stats: MethodStats, code: grpc.StatusCode, started: float) -> None:
         elapsed = monotonic() - started
-        stats.in_flight.dec()
-        stats.count(code)
-        stats.latency.observe(elapsed)
-        if self._access_log.enabled:
+        if self._metrics_on:
+            stats.in_flight.dec()
+            stats.count(code)
+            stats.latency.observe(elapsed)
+        if self._access_log_on and self._access_log.enabled:
             principal = auth.optional_principal()
             self._access_log.write(
                 f"{stats.service}/{stats.name}", code.name, elapsed, principal.user_id if principal else None

@@ -131,8 +131,14 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
         return await self._traced.intercept_service(continuation, handler_call_details)
 
 
-async def start_service(settings: Settings, build: Builder, resources: Resources | None = None) -> RunningService:
-    """Build and start a service on ``settings.host:listen_port`` (port 0 picks a free one)."""
+async def start_service(
+    settings: Settings, build: Builder, resources: Resources | None = None, *, without: Collection[str] = ()
+) -> RunningService:
+    """Build and start a service on ``settings.host:listen_port`` (port 0 picks a free one).
+
+    ``without`` turns concerns off ("tracing" or one of the pipeline's ``CONCERNS``) for the bench's
+    ablation table only.
+    """
     resources = resources or await Resources.open(settings)
     definition = await build(settings, resources)
     pipeline = CallPipeline(
@@ -141,9 +147,10 @@ async def start_service(settings: Settings, build: Builder, resources: Resources
         revocations=resources.revocations,
         public_methods=definition.public_methods,
         max_deadline_seconds=settings.max_deadline_seconds,
+        without=[c for c in without if c != "tracing"],
     )
     server = grpc.aio.server(
-        interceptors=[TracingInterceptor(), pipeline],
+        interceptors=[pipeline] if "tracing" in without else [TracingInterceptor(), pipeline],
         options=[
             ("grpc.so_reuseport", 1),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
