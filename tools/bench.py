@@ -760,6 +760,8 @@ def ratios(figures: Mapping[str, Figure], cache: Mapping[str, Any], read: ReadPa
                        "redis-benchmark is C with 50 connections; each cache lookup reads 2 keys (version and "
                        "value) in one MGET"))
     for name, figure in figures.items():
+        if name.startswith("empty.without."):
+            continue  # the ablation's runs measure cost, not a path anyone calls
         if figure.tool == "ghz" and figure.at_load is not None and figure.at_load.p99_ms is not None:
             p99 = figure.at_load.p99_ms
             found.append(Ratio(f"p99 at {LOAD_SHARE:.0%} of max: {name} ({figure.offered_rps:.0f} rps offered)", p99,
