@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from services.runtime.storage import CollectionSpec, Document, DocumentStore, DuplicateKeyError, Filter, IndexSpec
@@ -242,6 +242,36 @@ class AnalyticsRepository:
         )
         assert stored is not None  # an upsert always returns the document
         return stored
+
+    async def record_timeline(
+        self, user_id: str, exercise: str, start: datetime | None, end: datetime | None,
+        after: tuple[datetime, str] | None, limit: int,
+    ) -> list[Document]:
+        """A user's records newest first (by time, then id), optionally of one exercise and in [start, end)."""
+        filters: list[dict[str, Any]] = [{"user_id": user_id}]
+        if exercise:
+            filters.append({"exercise": exercise})
+        if start is not None:
+            filters.append({"achieve_time": {"$gte": start}})
+        if end is not None:
+            filters.append({"achieve_time": {"$lt": end}})
+        if after is not None:
+            after_time, after_id = after
+            filters.append({"$or": [
+                {"achieve_time": {"$lt": after_time}},
+                {"achieve_time": after_time, "_id": {"$lt": after_id}},
+            ]})
+        return await self.records.find({"$and": filters}, sort=[("achieve_time", -1), ("_id", -1)], limit=limit)
+
+    async def records_between(self, user_id: str, start: datetime, end: datetime) -> list[Document]:
+        """A user's records achieved in [start, end), oldest first."""
+        return await self.records.find(
+            {"user_id": user_id, "achieve_time": {"$gte": start, "$lt": end}}, sort=[("achieve_time", 1)]
+        )
+
+    async def count_records_between(self, user_id: str, start: datetime, end: datetime) -> int:
+        """How many records a user achieved in [start, end)."""
+        return await self.records.count({"user_id": user_id, "achieve_time": {"$gte": start, "$lt": end}})
 
     async def erase_user(self, user_id: str, anonymous_key: str) -> None:
         """Delete everything about a user; their platform markers keep only an anonymous key.

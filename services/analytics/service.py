@@ -132,27 +132,11 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
             raise InvalidArgument.field("end_time", "must be after start_time")
         user_id, _ = await self._owned(USER.parse(request.parent, "parent")["user"])
         exercise = request.exercise.removeprefix("exercises/")
-        filters: list[dict[str, Any]] = [{"user_id": user_id}]
-        if exercise:
-            filters.append({"exercise": exercise})
-        if start is not None:
-            filters.append({"achieve_time": {"$gte": start}})
-        if end is not None:
-            filters.append({"achieve_time": {"$lt": end}})
         query = paging.fingerprint("record-timeline", user_id, exercise, start, end)
         position = self._pages.decode(request.page_token, query)
-        if position:
-            after_time, after_id = datetime.fromisoformat(position[0]), str(position[1])
-            filters.append({
-                "$or": [
-                    {"achieve_time": {"$lt": after_time}},
-                    {"achieve_time": after_time, "_id": {"$lt": after_id}},
-                ]
-            })
+        after = (datetime.fromisoformat(position[0]), str(position[1])) if position else None
         size = request.page_size or DEFAULT_PAGE_SIZE
-        docs = await self._repo.records.find(
-            {"$and": filters}, sort=[("achieve_time", -1), ("_id", -1)], limit=size + 1
-        )
+        docs = await self._repo.record_timeline(user_id, exercise, start, end, after, size + 1)
         page = docs[:size]
         token = ""
         if len(docs) > size:
@@ -239,12 +223,8 @@ class AnalyticsService(analytics_service_pb2_grpc.AnalyticsServiceServicer):
                 add_muscles(muscles, entry)
             elif previous_start <= entry["end"] < start:
                 previous.add(entry)
-        records = await self._repo.records.find(
-            {"user_id": user_id, "achieve_time": {"$gte": start, "$lt": end}}, sort=[("achieve_time", 1)]
-        )
-        previous_records = await self._repo.records.count(
-            {"user_id": user_id, "achieve_time": {"$gte": previous_start, "$lt": start}}
-        )
+        records = await self._repo.records_between(user_id, start, end)
+        previous_records = await self._repo.count_records_between(user_id, previous_start, start)
         comparison = analytics_pb2.PeriodComparison()
         for field, now_value, before in (
             ("session_count_change_percent", current.sessions, previous.sessions),

@@ -157,10 +157,24 @@ class SessionRepository:
         """The user's session in progress, if any."""
         return await self._sessions.find_one({"user_id": user_id, "active": ACTIVE})
 
-    async def page(self, user_id: str, flt: dict[str, Any], after: tuple[datetime, str] | None,
-                   limit: int) -> list[Document]:
-        """Up to ``limit`` sessions matching ``flt``, newest start first, after the keyset ``after``."""
-        query: dict[str, Any] = {**flt, "user_id": user_id}
+    async def page(
+        self, user_id: str, after: tuple[datetime, str] | None, limit: int, *,
+        started_from: datetime | None = None, started_before: datetime | None = None, state: str = "",
+    ) -> list[Document]:
+        """Up to ``limit`` sessions, newest start first, after the keyset ``after``.
+
+        Optionally only those started in [started_from, started_before) and in ``state``.
+        """
+        query: dict[str, Any] = {"user_id": user_id}
+        bounds: dict[str, datetime] = {}
+        if started_from is not None:
+            bounds["$gte"] = started_from
+        if started_before is not None:
+            bounds["$lt"] = started_before
+        if bounds:
+            query["start_time"] = bounds
+        if state:
+            query["state"] = state
         if after is not None:
             time, last_id = after
             keyset = [{"start_time": {"$lt": time}}, {"start_time": time, "_id": {"$lt": last_id}}]

@@ -443,22 +443,17 @@ class WorkoutService(workout_service_pb2_grpc.WorkoutServiceServicer):
     ) -> workout_service_pb2.ListSessionsResponse:
         """The workout history, newest start first, optionally within a time range and state."""
         user_id = USER.owner(request.parent, "parent")
-        flt: dict[str, Any] = {}
-        bounds: dict[str, datetime] = {}
-        if request.HasField("start_time"):
-            bounds["$gte"] = from_timestamp(request.start_time, "start_time")
-        if request.HasField("end_time"):
-            bounds["$lt"] = from_timestamp(request.end_time, "end_time")
-        if "$gte" in bounds and "$lt" in bounds and bounds["$lt"] <= bounds["$gte"]:
+        start = from_timestamp(request.start_time, "start_time") if request.HasField("start_time") else None
+        end = from_timestamp(request.end_time, "end_time") if request.HasField("end_time") else None
+        if start is not None and end is not None and end <= start:
             raise InvalidArgument.field("end_time", "must be after start_time")
-        if bounds:
-            flt["start_time"] = bounds
-        if request.state:
-            flt["state"] = workout_pb2.SessionState.Name(request.state)
-        query = paging.fingerprint("sessions", user_id, {k: v.isoformat() for k, v in bounds.items()}, request.state)
+        state = workout_pb2.SessionState.Name(request.state) if request.state else ""
+        query = paging.fingerprint("sessions", user_id, start, end, state)
         after = _time_key(self._pages.decode(request.page_token, query))
         size = paging.page_size(request.page_size, DEFAULT_SESSION_PAGE)
-        docs = await self._sessions.page(user_id, flt, after, size + 1)
+        docs = await self._sessions.page(
+            user_id, after, size + 1, started_from=start, started_before=end, state=state
+        )
         page, more = docs[:size], len(docs) > size
         token = self._pages.encode(query, [page[-1]["start_time"].isoformat(), page[-1]["_id"]]) if more else ""
         return workout_service_pb2.ListSessionsResponse(sessions=[_to_session(d) for d in page], next_page_token=token)
