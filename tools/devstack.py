@@ -58,6 +58,8 @@ POLL_SECONDS = 0.05
 RATE_LIMIT_BINARY = ROOT / ".cache" / "bin" / "ratelimit"
 #: Its ports under `make up` (gRPC for Envoy, HTTP for its health check, debug); clear of the edge's.
 RATE_LIMIT_PORTS = (8081, 8082, 6070)
+#: A replica's /metrics port under `make up` with metrics on: its gRPC port + this (user 51051, 51061, ...).
+METRICS_PORT_OFFSET = 1000
 LogSink = Callable[[str], None]
 
 
@@ -187,6 +189,8 @@ class Replica:
     index: int
     address: Address
     child: Child
+    #: Where its Prometheus /metrics answers, when the stack serves metrics.
+    metrics_address: Address | None = None
 
 
 def _poll(child: Child, what: str, deadline: float, probe: Callable[[], bool]) -> None:
@@ -368,6 +372,8 @@ class Stack:
         user_limit: Limit | None = EdgeOptions.user_limit,
         global_rate_limit_redis: str = "",
         envoy_log_level: str = "warning",
+        metrics: bool = False,
+        otlp_endpoint: str = "",
         sink: LogSink = print,
     ) -> None:
         """Describe the stack; nothing starts before ``start()``.
@@ -376,6 +382,9 @@ class Stack:
         and admin ports (tests); otherwise services use the documented scheme and the edge the
         given ports. ``service_env`` adds FITTRACKER_* settings for every service process.
         ``global_rate_limit_redis`` (a redis:// URL) counts the quotas in the rate-limit service.
+        ``metrics`` gives every replica a Prometheus /metrics port (its gRPC port + 1000 in the
+        documented scheme, a free port otherwise); ``otlp_endpoint`` ("host:port") sends the
+        spans of the edge and of every replica to that OTLP gRPC collector.
         """
         self.data_dir = data_dir.resolve()
         self.keys_dir = self.data_dir / "keys"
@@ -385,13 +394,23 @@ class Stack:
         self.host = host
         self.sink = sink
         self._service_env = dict(service_env or {})
-        ports = iter(free_ports(len(self.services) * replicas + 3, host)) if use_free_ports else None
+        if otlp_endpoint:
+            self._service_env.setdefault("FITTRACKER_OTLP_ENDPOINT", otlp_endpoint)
+        per_replica = 2 if metrics else 1
+        ports = iter(free_ports(len(self.services) * replicas * per_replica + 3, host)) if use_free_ports else None
         self.replicas: list[Replica] = []
         for service in self.services:
             for index in range(replicas):
                 port = next(ports) if ports is not None else envoy_config.replica_port(service, index)
                 address = Address(host, port)
-                self.replicas.append(Replica(service, index, address, self._service_child(service, index, port)))
+                child = self._service_child(service, index, port)
+                metrics_address = None
+                if metrics:
+                    metrics_port = next(ports) if ports is not None else port + METRICS_PORT_OFFSET
+                    metrics_address = Address(host, metrics_port)
+                    # A replica serves metrics on FITTRACKER_METRICS_PORT + its worker index.
+                    child.env["FITTRACKER_METRICS_PORT"] = str(metrics_port - index)
+                self.replicas.append(Replica(service, index, address, child, metrics_address))
         self.rate_limit_service: RateLimitService | None = None
         if global_rate_limit_redis:
             service_ports = [next(ports) for _ in range(3)] if ports is not None else RATE_LIMIT_PORTS
@@ -409,6 +428,7 @@ class Stack:
             ip_limit=ip_limit,
             user_limit=user_limit,
             rate_limit_service=str(self.rate_limit_service.address) if self.rate_limit_service else "",
+            otlp_endpoint=otlp_endpoint,
         )
         self.envoy_config_path = self.data_dir / "envoy.yaml"
         self.edge = EnvoyEdge("envoy", self.envoy_config_path, self.data_dir, sink, host=host,
