@@ -40,7 +40,7 @@ lock-check: venv ## Fail when uv.lock and pyproject.toml disagree or .venv holds
 	@$(UV) lock --check --quiet
 	@$(UV) sync --locked --check --quiet
 
-deps: venv ## Install the servers and tools the tests use (Redis, FerretDB, ghz, h2load, kustomize, istioctl)
+deps: venv ## Install the servers and tools the tests use (Redis, FerretDB, ghz, h2load, kustomize, istioctl, Prometheus, Alertmanager, Jaeger)
 	@bash tools/install_deps.sh
 
 gen: venv ## Regenerate code, descriptors and the edge configs (local and cluster) from proto/
