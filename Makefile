@@ -10,7 +10,7 @@ BUF    := $(VENV)/bin/buf
 export PYTHONPATH := $(CURDIR):$(CURDIR)/clients/python/generated
 export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/.cache/bin:/usr/local/go/bin:$(PATH)
 
-.PHONY: help venv lock lock-check deps gen check-gen lint buf-lint buf-breaking typecheck test test-fast fuzz up loadtest bench image image-test render-dev render-prod clean
+.PHONY: help venv lock lock-check deps gen check-gen lint buf-lint buf-breaking typecheck test test-fast fuzz up observe observe-test loadtest bench image image-test render-dev render-prod clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -40,18 +40,20 @@ lock-check: venv ## Fail when uv.lock and pyproject.toml disagree or .venv holds
 	@$(UV) lock --check --quiet
 	@$(UV) sync --locked --check --quiet
 
-deps: venv ## Install the servers and tools the tests use (Redis, FerretDB, ghz, h2load, kustomize, istioctl)
+deps: venv ## Install the servers and tools the tests use (Redis, FerretDB, ghz, h2load, kustomize, istioctl, Prometheus, Alertmanager, Jaeger)
 	@bash tools/install_deps.sh
 
 gen: venv ## Regenerate code, descriptors and the edge configs (local and cluster) from proto/
 	@$(PY) tools/gen.py
 	@$(PY) tools/envoy_config.py
 	@$(PY) tools/edge_configmap.py
+	@$(PY) tools/dashboards.py
 
 check-gen: venv ## Fail when generated code or the edge config is stale
 	@$(PY) tools/gen.py --check
 	@$(PY) tools/envoy_config.py --check
 	@$(PY) tools/edge_configmap.py --check
+	@$(PY) tools/dashboards.py --check
 
 buf-lint: venv
 	@echo "==> buf lint"
@@ -75,13 +77,20 @@ test: lock-check deps check-gen lint buf-breaking typecheck ## Run every check a
 test-fast: venv ## Only the tests, skipping the static checks
 	@$(PY) -m pytest -x -q
 
+observe-test: venv deps ## The observability tests, with the one that kills a replica and waits for the page (~2 min)
+	@echo "==> pytest tests/observability (with the paging test)"
+	@$(PY) -m pytest -q -m '' tests/observability
+
 FUZZ_EXAMPLES ?= 200
 fuzz: venv deps ## Fuzz every RPC through the edge (JSON) and the replicas (gRPC); FUZZ_EXAMPLES=200 per RPC
 	@echo "==> fuzz: $(FUZZ_EXAMPLES) examples per RPC and protocol"
 	@FITTRACKER_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -v --timeout=0 tests/edge/test_fuzz.py
 
-up: venv ## Run Envoy and all services locally on the embedded store (Ctrl-C stops everything)
-	@$(PY) tools/devstack.py
+up: venv ## Run Envoy and all services locally on the embedded store (OBSERVE=1: with Prometheus, Alertmanager, Jaeger)
+	@$(if $(filter-out 0,$(OBSERVE)),bash tools/install_deps.sh &&) $(PY) tools/devstack.py $(if $(filter-out 0,$(OBSERVE)),--observe)
+
+observe: ## The stack with Prometheus, Alertmanager and Jaeger (same as make up OBSERVE=1)
+	@$(MAKE) --no-print-directory up OBSERVE=1
 
 loadtest: venv deps ## Load test every present service with ghz (edge + direct), verdicts, report; ARGS=...
 	@$(PY) tools/loadtest.py $(ARGS)

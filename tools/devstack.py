@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -51,6 +51,9 @@ from services.runtime.auth import JWKS_FILE, load_or_create_signing_key
 from tools import envoy_config
 from tools.envoy_config import Address, EdgeOptions, Limit
 
+if TYPE_CHECKING:
+    from tools.observe import Observability
+
 ROOT = envoy_config.ROOT
 #: How often readiness is polled; short, since every wait is also bounded by a deadline.
 POLL_SECONDS = 0.05
@@ -58,6 +61,8 @@ POLL_SECONDS = 0.05
 RATE_LIMIT_BINARY = ROOT / ".cache" / "bin" / "ratelimit"
 #: Its ports under `make up` (gRPC for Envoy, HTTP for its health check, debug); clear of the edge's.
 RATE_LIMIT_PORTS = (8081, 8082, 6070)
+#: A replica's /metrics port under `make up` with metrics on: its gRPC port + this (user 51051, 51061, ...).
+METRICS_PORT_OFFSET = 1000
 LogSink = Callable[[str], None]
 
 
@@ -187,6 +192,8 @@ class Replica:
     index: int
     address: Address
     child: Child
+    #: Where its Prometheus /metrics answers, when the stack serves metrics.
+    metrics_address: Address | None = None
 
 
 def _poll(child: Child, what: str, deadline: float, probe: Callable[[], bool]) -> None:
@@ -368,6 +375,8 @@ class Stack:
         user_limit: Limit | None = EdgeOptions.user_limit,
         global_rate_limit_redis: str = "",
         envoy_log_level: str = "warning",
+        metrics: bool = False,
+        otlp_endpoint: str = "",
         sink: LogSink = print,
     ) -> None:
         """Describe the stack; nothing starts before ``start()``.
@@ -376,6 +385,9 @@ class Stack:
         and admin ports (tests); otherwise services use the documented scheme and the edge the
         given ports. ``service_env`` adds FITTRACKER_* settings for every service process.
         ``global_rate_limit_redis`` (a redis:// URL) counts the quotas in the rate-limit service.
+        ``metrics`` gives every replica a Prometheus /metrics port (its gRPC port + 1000 in the
+        documented scheme, a free port otherwise); ``otlp_endpoint`` ("host:port") sends the
+        spans of the edge and of every replica to that OTLP gRPC collector.
         """
         self.data_dir = data_dir.resolve()
         self.keys_dir = self.data_dir / "keys"
@@ -385,13 +397,24 @@ class Stack:
         self.host = host
         self.sink = sink
         self._service_env = dict(service_env or {})
-        ports = iter(free_ports(len(self.services) * replicas + 3, host)) if use_free_ports else None
+        if otlp_endpoint:
+            # The services' OTLP exporter takes a URL; http:// is a plaintext gRPC channel (a local collector).
+            self._service_env.setdefault("FITTRACKER_OTLP_ENDPOINT", f"http://{otlp_endpoint}")
+        per_replica = 2 if metrics else 1
+        ports = iter(free_ports(len(self.services) * replicas * per_replica + 3, host)) if use_free_ports else None
         self.replicas: list[Replica] = []
         for service in self.services:
             for index in range(replicas):
                 port = next(ports) if ports is not None else envoy_config.replica_port(service, index)
                 address = Address(host, port)
-                self.replicas.append(Replica(service, index, address, self._service_child(service, index, port)))
+                child = self._service_child(service, index, port)
+                metrics_address = None
+                if metrics:
+                    metrics_port = next(ports) if ports is not None else port + METRICS_PORT_OFFSET
+                    metrics_address = Address(host, metrics_port)
+                    # A replica serves metrics on FITTRACKER_METRICS_PORT + its worker index.
+                    child.env["FITTRACKER_METRICS_PORT"] = str(metrics_port - index)
+                self.replicas.append(Replica(service, index, address, child, metrics_address))
         self.rate_limit_service: RateLimitService | None = None
         if global_rate_limit_redis:
             service_ports = [next(ports) for _ in range(3)] if ports is not None else RATE_LIMIT_PORTS
@@ -409,6 +432,7 @@ class Stack:
             ip_limit=ip_limit,
             user_limit=user_limit,
             rate_limit_service=str(self.rate_limit_service.address) if self.rate_limit_service else "",
+            otlp_endpoint=otlp_endpoint,
         )
         self.envoy_config_path = self.data_dir / "envoy.yaml"
         self.edge = EnvoyEdge("envoy", self.envoy_config_path, self.data_dir, sink, host=host,
@@ -627,6 +651,20 @@ def usage(stack: Stack) -> Iterator[str]:
     yield "Ctrl-C stops everything."
 
 
+def _start_tracing(data_dir: Path) -> Observability | None:
+    """Jaeger for ``make up OBSERVE=1``, before the stack; None (and why, on stderr) if it fails."""
+    from tools.observe import Observability  # noqa: PLC0415 - only with --observe; it imports this module
+
+    observability = Observability(data_dir / "observability", lambda line: print(line, flush=True))
+    try:
+        observability.start_tracing()
+    except (StackError, FileNotFoundError) as error:
+        print(f"[stack] observability failed to start: {error}", file=sys.stderr)
+        observability.stop()
+        return None
+    return observability
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``make up``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -647,6 +685,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--global-rate-limit", metavar="REDIS_URL",
                         default=os.environ.get("FITTRACKER_EDGE_RATE_LIMIT_REDIS", ""),
                         help="count the quotas in envoyproxy/ratelimit over this Redis (shared by every edge)")
+    parser.add_argument("--observe", action="store_true",
+                        help="also run Jaeger, Prometheus and Alertmanager (tools/observe.py); OBSERVE=1 in make")
     args = parser.parse_args(argv)
     try:
         cors_origins = envoy_config.configured_origins(
@@ -654,8 +694,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         parser.error(f"{envoy_config.CORS_ORIGINS_ENV}: {error}")
 
+    data_dir = args.data_dir if args.data_dir.is_absolute() else ROOT / args.data_dir
+    observability = _start_tracing(data_dir) if args.observe else None
+    if args.observe and observability is None:
+        return 1
     stack = Stack(
-        args.data_dir if args.data_dir.is_absolute() else ROOT / args.data_dir,
+        data_dir,
         services=args.service,
         replicas=args.replicas,
         edge_port=args.edge_port,
@@ -664,6 +708,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ip_limit=args.ip_limit,
         user_limit=args.user_limit,
         global_rate_limit_redis=args.global_rate_limit,
+        metrics=observability is not None,
+        otlp_endpoint=observability.otlp_endpoint if observability is not None else "",
         sink=lambda line: print(line, flush=True),
     )
     stop = threading.Event()
@@ -675,10 +721,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     try:
         stack.start(timeout=args.timeout)
+        if observability is not None:
+            observability.start_monitoring(stack)
     except StackError as error:
         print(f"[stack] failed to start: {error}", file=sys.stderr)
+        stack.stop()
+        if observability is not None:
+            observability.stop()
         return 1
     for line in usage(stack):
+        print(line, flush=True)
+    for line in observability.usage() if observability is not None else []:
         print(line, flush=True)
     exited: Child | None = None
     # Wake up now and then to notice a child that died on its own; Ctrl-C sets the event at once.
@@ -689,6 +742,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             break
     print("[stack] stopping", flush=True)
     stack.stop()
+    if observability is not None:
+        observability.stop()
     return 1 if exited is not None else 0
 
 

@@ -126,3 +126,55 @@ fi
 # and inside pytest it would hold up the suite's event loop while other tests' servers wait on it.
 step "mesh validator: building into $BIN/mesh-validate"
 (cd "$ROOT/tests/mesh/validate" && GOFLAGS="$GOFLAGS -mod=readonly" CGO_ENABLED=0 go build -o "$BIN/mesh-validate" .)
+
+# Observability (observability/, `make observe`, tests/observability): Prometheus and promtool, Alertmanager
+# and amtool, Jaeger. Each is a large Go build (a cold build of Prometheus took 12 minutes on two busy
+# cores, Jaeger 10, Alertmanager 1); each is rebuilt only when its pinned version changes.
+PROMETHEUS_VERSION="v0.316.0"
+if [ -x "$BIN/prometheus" ] && [ -x "$BIN/promtool" ] \
+        && [ "$(cat "$BIN/prometheus.version" 2>/dev/null)" = "$PROMETHEUS_VERSION" ]; then
+    step "prometheus + promtool $PROMETHEUS_VERSION: present ($BIN/prometheus)"
+else
+    step "prometheus + promtool $PROMETHEUS_VERSION: building into $BIN (about 10 minutes on a cold cache)"
+    GOBIN="$BIN" go install "github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_VERSION" \
+        "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_VERSION"
+    printf '%s\n' "$PROMETHEUS_VERSION" >"$BIN/prometheus.version"
+fi
+
+# Alertmanager embeds its web UI's built assets, which the module source lacks (`go install` fails on
+# the embed pattern); build from a copy of the source with a page saying so. The API is unaffected.
+ALERTMANAGER_VERSION="v0.35.0"
+if [ -x "$BIN/alertmanager" ] && [ -x "$BIN/amtool" ] \
+        && [ "$(cat "$BIN/alertmanager.version" 2>/dev/null)" = "$ALERTMANAGER_VERSION" ]; then
+    step "alertmanager + amtool $ALERTMANAGER_VERSION: present ($BIN/alertmanager)"
+else
+    step "alertmanager + amtool $ALERTMANAGER_VERSION: building into $BIN"
+    src_dir="$(go mod download -json "github.com/prometheus/alertmanager@$ALERTMANAGER_VERSION" \
+        | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')"
+    if [ -z "$src_dir" ] || [ ! -d "$src_dir" ]; then
+        echo "[deps] go mod download did not report a source directory for Alertmanager" >&2
+        exit 1
+    fi
+    rm -rf "$BUILD/alertmanager-src"
+    cp -R "$src_dir" "$BUILD/alertmanager-src"
+    chmod -R u+w "$BUILD/alertmanager-src"
+    for ui in elm mantine; do
+        mkdir -p "$BUILD/alertmanager-src/ui/app/dist/$ui"
+        printf '<p>This Alertmanager was built without its web UI; use the API: /api/v2/alerts</p>\n' \
+            >"$BUILD/alertmanager-src/ui/app/dist/$ui/index.html"
+    done
+    (cd "$BUILD/alertmanager-src" && go build -o "$BIN/alertmanager" ./cmd/alertmanager \
+        && go build -o "$BIN/amtool" ./cmd/amtool)
+    printf '%s\n' "$ALERTMANAGER_VERSION" >"$BIN/alertmanager.version"
+fi
+
+# Jaeger v2 (all-in-one: OTLP in, in-memory storage, query API), pinned by tools/jaeger/go.mod and go.sum.
+JAEGER_VERSION="$(sed -n 's#^[[:space:]]*github.com/jaegertracing/jaeger \(v[^ ]*\).*#\1#p' \
+    "$ROOT/tools/jaeger/go.mod" | head -n 1)"
+if [ -x "$BIN/jaeger" ] && [ "$(cat "$BIN/jaeger.version" 2>/dev/null)" = "$JAEGER_VERSION" ]; then
+    step "jaeger $JAEGER_VERSION: present ($BIN/jaeger)"
+else
+    step "jaeger $JAEGER_VERSION: building into $BIN/jaeger (about 10 minutes on a cold cache)"
+    (cd "$ROOT/tools/jaeger" && GOFLAGS="$GOFLAGS -mod=readonly" go build -o "$BIN/jaeger" github.com/jaegertracing/jaeger/cmd/jaeger)
+    printf '%s\n' "$JAEGER_VERSION" >"$BIN/jaeger.version"
+fi

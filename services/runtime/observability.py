@@ -1,6 +1,9 @@
 """Logs, metrics and traces: set up once per process, used by the interceptors.
 
-- Logs are JSON lines on stderr, each with the service, the worker and the trace id.
+- Logs are JSON lines on stderr, each with the service, the worker and the trace and span ids.
+  ``trace_id``/``span_id`` are the OpenTelemetry log data model's names and hex formats, so a
+  collector's JSON parser fills a record's TraceId and SpanId from them as they are (see
+  observability/README.md for the mapping of the other fields and how lines ship).
 - Metrics are Prometheus series per method, served on an HTTP port per worker process.
 - Traces use OpenTelemetry with W3C trace context; spans go to an OTLP collector when one is
   configured, and are still created (so ids propagate into logs and events) when none is.
@@ -47,6 +50,7 @@ class JsonFormatter(logging.Formatter):
         span_context = trace.get_current_span().get_span_context()
         if span_context.is_valid:
             line["trace_id"] = format(span_context.trace_id, "032x")
+            line["span_id"] = format(span_context.span_id, "016x")
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             line.update(fields)
@@ -89,6 +93,7 @@ class AccessLog:
         span_context = trace.get_current_span().get_span_context()
         if span_context.is_valid:
             line["trace_id"] = format(span_context.trace_id, "032x")
+            line["span_id"] = format(span_context.span_id, "016x")
         handler.stream.write(json.dumps(line) + "\n")
 
 

@@ -119,6 +119,28 @@ async def test_an_event_failing_max_deliveries_times_is_dead_lettered(kit: BusKi
     assert handler.calls == 6  # three attempts each, no more
 
 
+async def test_the_lag_and_dead_letter_gauges_follow_the_stream(kit: BusKit) -> None:
+    bus = await kit.bus()
+    for _ in range(3):
+        await bus.publish(session_completed(kit))
+    assert await bus.dead_letter_count(kit.stream) == 0
+
+    def gauge(name: str, labels: dict[str, str]) -> float | None:
+        return bus.metrics.registry.get_sample_value(name, labels)
+
+    async def sampled(name: str, labels: dict[str, str], value: float) -> bool:
+        return gauge(name, labels) == value
+
+    lag = {"group": "ai", "stream": kit.stream}
+    async with running(bus.consumer("ai", [kit.stream], Recorder(fail_times=100), kit.store, max_deliveries=1)):
+        await eventually(lambda: sampled("events_dead_letters", {"stream": kit.stream}, 3.0),
+                         what="three dead letters counted")
+        await eventually(lambda: sampled("events_consumer_lag", lag, 0.0), what="no lag left")
+    assert await bus.dead_letter_count(kit.stream) == 3
+    await bus.publish(session_completed(kit))
+    assert await bus.backlog("ai", [kit.stream]) == 1
+
+
 async def test_an_entry_left_by_a_dead_consumer_is_reclaimed(kit: BusKit) -> None:
     doomed_bus, survivor_bus = await kit.bus(), await kit.bus()
     started = asyncio.Event()

@@ -44,7 +44,7 @@ from google.protobuf.message import DecodeError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from services.runtime.events.envelope import stream_of, trace_carrier
 from services.runtime.storage import Collection, CollectionSpec, DocumentStore, DuplicateKeyError, IndexSpec
@@ -164,6 +164,18 @@ class EventMetrics:
             "Deliveries a consumer group finished, by outcome: handled, failed (will be retried), "
             "dead_lettered, duplicate (already handled), skipped (unknown payload), lost (trimmed).",
             ["group", "stream", "outcome"],
+            registry=self.registry,
+        )
+        # Sampled by each consumer every claim interval; replicas of a group report the same
+        # figure, so dashboards and alerts take the max per group and stream.
+        self.lag = Gauge(
+            "events_consumer_lag",
+            "Entries of a stream that a consumer group has not acknowledged yet (unread plus pending).",
+            ["group", "stream"],
+            registry=self.registry,
+        )
+        self.dead_letters = Gauge(
+            "events_dead_letters", "Entries waiting in a stream's dead-letter stream.", ["stream"],
             registry=self.registry,
         )
 
@@ -301,6 +313,14 @@ class StreamBus(ABC):
         """Append the entry to ``<stream>.dead`` with ``error`` and acknowledge it, atomically."""
 
     @abstractmethod
+    async def backlog(self, group: str, streams: Sequence[str]) -> int:
+        """Entries of ``streams`` that ``group`` has not acknowledged yet (unread plus pending)."""
+
+    @abstractmethod
+    async def dead_letter_count(self, stream: str) -> int:
+        """How many entries wait in ``stream``'s dead-letter stream."""
+
+    @abstractmethod
     async def _release(self, state: ConsumerState) -> None:
         """Tidy up after the consumer stopped (also after it was cancelled)."""
 
@@ -344,10 +364,17 @@ class StreamBus(ABC):
             state.next_reclaim = now + tuning.claim_interval_seconds
             for delivery in await self._reclaim(state):
                 await self._deliver(state, delivery)
+            await self._sample_backlog(state)
         now = time.monotonic()
         wake = min([state.next_reclaim, *(due for due, _ in state.retries.values())])
         for delivery in await self._fetch(state, max(0.0, min(tuning.block_seconds, wake - now))):
             await self._deliver(state, delivery)
+
+    async def _sample_backlog(self, state: ConsumerState) -> None:
+        """Set the lag and dead-letter gauges of this consumer's streams."""
+        for stream in state.streams:
+            self.metrics.lag.labels(state.group, stream).set(await self.backlog(state.group, (stream,)))
+            self.metrics.dead_letters.labels(stream).set(await self.dead_letter_count(stream))
 
     def _count(self, state: ConsumerState, delivery: Delivery, outcome: str) -> None:
         self.metrics.consumed.labels(state.group, delivery.stream, outcome).inc()

@@ -201,6 +201,11 @@ class EmbeddedBus(StreamBus):
             ).fetchone()[0]
         return int(total)
 
+    async def dead_letter_count(self, stream: str) -> int:
+        """How many entries wait in ``stream``'s dead-letter stream."""
+        row = self._conn.execute("SELECT COUNT(*) FROM entries WHERE stream = ?", (dead_letter_stream(stream),))
+        return int(row.fetchone()[0])
+
     async def dead_letters(self, stream: str, count: int = 100) -> list[DeadLetter]:
         """The oldest ``count`` dead letters of ``stream``."""
         rows = self._conn.execute(

@@ -135,6 +135,10 @@ class RedisStreamsBus(StreamBus):
                 total += int(lag) + int(info["pending"])
         return total
 
+    async def dead_letter_count(self, stream: str) -> int:
+        """How many entries wait in ``stream``'s dead-letter stream."""
+        return int(await self._redis.xlen(dead_letter_stream(stream)))
+
     async def dead_letters(self, stream: str, count: int = 100) -> list[DeadLetter]:
         """The oldest ``count`` dead letters of ``stream``."""
         entries = await self._redis.xrange(dead_letter_stream(stream), "-", "+", count=count) or []
