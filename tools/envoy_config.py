@@ -75,12 +75,20 @@ MIB = 1024 * 1024
 #: every member and not secret, so ``public`` lets shared caches store it although the request
 #: carries a token (RFC 9111 section 3.5); a CDN in front must still demand a token if the catalog
 #: is to stay members-only. Nothing per-user belongs here.
+#: ``s-maxage`` is what the CDN keeps a copy for; ``max-age`` what an app's own cache does.
 CACHE_POLICIES: dict[str, str] = {
-    "/fittracker.workout.v1.WorkoutService/ListExercises": "public, max-age=300, stale-while-revalidate=60",
-    "/fittracker.workout.v1.WorkoutService/GetExercise": "public, max-age=300, stale-while-revalidate=60",
+    "/fittracker.workout.v1.WorkoutService/ListExercises":
+        "public, max-age=60, s-maxage=300, stale-while-revalidate=60",
+    "/fittracker.workout.v1.WorkoutService/GetExercise":
+        "public, max-age=60, s-maxage=300, stale-while-revalidate=60",
     # Short: a rotated key must reach verifiers soon (Envoy itself reads the file at start).
-    "/fittracker.user.v1.UserService/GetJwks": "public, max-age=300",
+    "/fittracker.user.v1.UserService/GetJwks": "public, max-age=300, s-maxage=300",
 }
+#: Every other JSON read answers for one caller (their profile, sessions, stats): no cache may keep it.
+PER_USER_POLICY = "private, no-store"
+#: A cacheable reply varies with the request's Origin: the CORS filter echoes it in
+#: Access-Control-Allow-Origin, and one origin's copy would be refused by a browser on another.
+CACHE_VARY = "Origin"
 #: The Lua source of the ETag filter (hand-written; Envoy reads it at start).
 ETAG_LUA = Path("envoy/lua/etag.lua")
 #: Response header a cacheable route adds so that the Lua filter hashes its body (and removes it).
@@ -937,9 +945,23 @@ def _service_routes(service: GrpcService, cluster: str) -> list[Yaml]:
                 "response_headers_to_add": [
                     {"header": {"key": "cache-control", "value": policy},
                      "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+                    {"header": {"key": "vary", "value": CACHE_VARY},
+                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
                     {"header": {"key": ETAG_MARKER, "value": "sha256"}},
                 ],
             }))
+    per_user = [name for name in unary_reads if f"{service.prefix}{name}" not in CACHE_POLICIES]
+    if per_user:
+        routes.append(why("Per-user JSON reads: no shared or private cache may keep them.", {
+            "name": f"{service.full_name}.reads.json",
+            "match": {"safe_regex": {"regex": f"^{re.escape(service.prefix)}({'|'.join(per_user)})$"},
+                      "headers": [_GRPC_CONTENT, _TRANSCODED]},
+            "route": _unary_route(cluster, read_only=True),
+            "response_headers_to_add": [
+                {"header": {"key": "cache-control", "value": PER_USER_POLICY},
+                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+            ],
+        }))
     if unary_reads:
         routes.append({
             "name": f"{service.full_name}.reads",
