@@ -10,7 +10,7 @@ BUF    := $(VENV)/bin/buf
 export PYTHONPATH := $(CURDIR):$(CURDIR)/clients/python/generated
 export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/.cache/bin:/usr/local/go/bin:$(PATH)
 
-.PHONY: help venv lock lock-check deps gen check-gen lint buf-lint buf-breaking typecheck test test-fast fuzz up loadtest bench image image-test render-dev render-prod clean
+.PHONY: help venv lock lock-check deps gen check-gen lint buf-lint buf-breaking typecheck test test-fast fuzz up loadtest seed-scale bench image image-test render-dev render-prod clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -85,6 +85,11 @@ up: venv ## Run Envoy and all services locally on the embedded store (Ctrl-C sto
 
 loadtest: venv deps ## Load test every present service with ghz (edge + direct), verdicts, report; ARGS=...
 	@$(PY) tools/loadtest.py $(ARGS)
+
+SCALE_SMALL ?= 10000
+SCALE_LARGE ?= 1000000
+seed-scale: venv ## Seed users with history in bulk; hot-query p99 at SCALE_SMALL vs SCALE_LARGE users (long)
+	@$(PY) tools/seed_scale.py --small $(SCALE_SMALL) --large $(SCALE_LARGE)
 
 bench: venv deps ## Measure runtime, edge, peer, worker and cache ratios against the targets; ARGS=--quick
 	@$(PY) tools/bench.py $(ARGS)

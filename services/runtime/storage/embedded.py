@@ -891,6 +891,18 @@ class EmbeddedCollection:
 
         self._store._write(run)
 
+    async def insert_many(self, docs: Sequence[Document]) -> None:
+        """Insert new documents in one transaction (bulk loads: one commit for the whole batch)."""
+        if not all(isinstance(doc.get("_id"), str) for doc in docs):
+            raise ValueError("documents need a string _id")
+        new = [normalize(doc) for doc in docs]
+
+        def run(conn: sqlite3.Connection) -> None:
+            for doc in new:
+                self._insert_row(conn, doc)
+
+        self._store._write(run)
+
     async def update_one(self, flt: Filter, update: Update, *, upsert: bool = False) -> Document | None:
         """Update the matching document with the lowest ``_id`` and return it as it is after."""
         flt = normalize(flt)
