@@ -194,7 +194,7 @@ def _bytes(paths: list[Path]) -> int:
 def report(small: int, large: int, directory: Path, *, wire: bool, samples: int = SAMPLES) -> dict[str, Any]:
     """Run on fresh stores (embedded files, or FerretDB databases in ``directory``); write the report."""
     directory.mkdir(parents=True, exist_ok=True)
-    data = directory / ("ferretdb" if wire else "embedded")
+    data = (directory / ("ferretdb" if wire else "embedded")).resolve()  # FerretDB runs in a directory of its own
     shutil.rmtree(data, ignore_errors=True)
     data.mkdir()
     sizes = {"small": small, "large": large}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from services.runtime.storage import CollectionSpec, EmbeddedStore, IndexSpec, MongoStore
+from services.runtime.storage import CollectionSpec, DuplicateKeyError, EmbeddedStore, IndexSpec, MongoStore
 from services.runtime.storage.embedded import ScanRefusedError, scans_documents
 
 EVENTS = CollectionSpec(
@@ -130,3 +130,19 @@ async def test_every_declared_index_exists_on_the_wire_server_and_ids_are_pushed
     finally:
         await store.raw("unused").database.client.drop_database(database)
         await store.close()
+
+
+async def test_a_bulk_insert_keeps_every_index(tmp_path: Path) -> None:
+    store = EmbeddedStore(tmp_path / "bulk.sqlite3", refuse_scans=True)
+    await store.ensure([EVENTS])
+    events = store.collection(EVENTS)
+
+    await events.insert_many([{"_id": f"b{i}", "user_id": f"u{i % 2}", "owner": "o", "at": i,
+                               "due_at": T0 + timedelta(hours=i)} for i in range(6)])
+
+    assert [d["_id"] for d in await events.find({"user_id": "u1"})] == ["b1", "b3", "b5"]
+    assert [d["_id"] for d in await events.find({"due_at": {"$gte": T0 + timedelta(hours=4)}})] == ["b4", "b5"]
+    with pytest.raises(DuplicateKeyError) as clash:
+        await events.insert_many([{"_id": "b9"}, {"_id": "b0"}])
+    assert clash.value.index == "_id_"
+    assert await events.get("b9") is None  # the batch is one transaction
