@@ -115,6 +115,9 @@ async def test_a_store_that_allows_scans_answers_the_same_query(tmp_path: Path) 
 
 @pytest.mark.mongo
 async def test_every_declared_index_exists_on_the_wire_server_and_ids_are_pushed_down(mongo_url: str) -> None:
+    # What the wire server can show. MongoDB's planner picks among the declared indexes; FerretDB
+    # 1.24 on SQLite creates them but pushes only _id filters down to SQL, and its explain shows
+    # SQLite's SCAN even then, so a plan check there would fail every query (README: data scale).
     database = f"indexes_{uuid.uuid4().hex[:12]}"
     store = MongoStore(mongo_url, database)
     specs = declared_collections()
