@@ -69,6 +69,10 @@ CORS_ORIGINS_ENV = "FITTRACKER_EDGE_CORS_ORIGINS"
 #: it, it would still find no service here.
 PREFLIGHT_CLUSTER = "cors-preflight"
 MIB = 1024 * 1024
+#: Open server streams (Subscribe) one replica is sized for (tools/stream_scale.py measures it). A
+#: stream holds a request slot for as long as it is open, so streams get a circuit-breaker budget
+#: of their own (routing priority HIGH) instead of starving the unary calls' 256 slots.
+STREAMS_PER_REPLICA = 10_000
 
 #: JSON reads a CDN (and the apps' HTTP caches) may keep, with their Cache-Control. Each gets a
 #: strong ETag and answers If-None-Match with 304 (envoy/lua/etag.lua). The catalog is the same for
@@ -915,6 +919,7 @@ def _service_routes(service: GrpcService, cluster: str) -> list[Yaml]:
             "cluster": cluster,
             "timeout": "0s",
             "max_stream_duration": _stream_duration(streaming=True),
+            "priority": why("The cluster's HIGH circuit-breaker budget: STREAMS_PER_REPLICA open streams.", "HIGH"),
         }
         per_filter: dict[str, Yaml] = {}
         if method.client_streaming:
@@ -1180,6 +1185,15 @@ def _cluster(domain: str, replicas: Sequence[Address]) -> dict[str, Yaml]:
                 "max_requests": 256 * count,
                 "retry_budget": why("Retries may add at most 20 % load, so they cannot snowball.",
                                     {"budget_percent": {"value": 20.0}, "min_retry_concurrency": 3}),
+                "track_remaining": True,
+            },
+        ), why(
+            "Streaming routes (priority HIGH): each open stream holds a slot for its whole life.",
+            {
+                "priority": "HIGH",
+                "max_connections": 64 * count,
+                "max_pending_requests": 128 * count,
+                "max_requests": STREAMS_PER_REPLICA * count,
                 "track_remaining": True,
             },
         )]},
