@@ -54,8 +54,10 @@ SERVICE_ENV = {"FITTRACKER_ENVIRONMENT": "test", "FITTRACKER_LOG_LEVEL": "WARNIN
                "FITTRACKER_ADMIN_EMAILS": ADMIN_EMAIL}
 
 
-def quiet(_line: str) -> None:
-    """Drop the stack's log lines."""
+def quiet(line: str) -> None:
+    """Keep the services' warnings and errors; drop the edge's access lines."""
+    if not line.startswith("[envoy] {"):
+        print(line, flush=True)
 
 
 def register(base: str, email: str) -> tuple[str, str]:
