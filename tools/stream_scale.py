@@ -196,7 +196,7 @@ async def one_target(label: str, target: str, stack: Stack, pids: dict[str, int]
             "bytes_per_stream": per_stream, "delivery": delivery}
 
 
-async def measure(count: int, edge_count: int) -> dict[str, Any]:
+async def measure(count: int, edge_count: int, users: int = USERS) -> dict[str, Any]:
     """Start the stack, run both targets, stop it."""
     with tempfile.TemporaryDirectory(prefix="stream-scale-") as scratch:
         stack = Stack(Path(scratch) / "stack", services=["user", "notification"], replicas=1,
@@ -206,7 +206,7 @@ async def measure(count: int, edge_count: int) -> dict[str, Any]:
         try:
             base = f"http://{stack.host}:{stack.edge_port}"
             _, admin = register(base, ADMIN_EMAIL)
-            members = [register(base, f"streamer{i}@example.com") for i in range(USERS)]
+            members = [register(base, f"streamer{i}@example.com") for i in range(users)]
             replica = next(r for r in stack.replicas if r.service == "notification")
             processes = {"notification": replica.child.process, "envoy": stack.envoy.process}
             pids = {name: process.pid for name, process in processes.items() if process is not None}
@@ -216,7 +216,7 @@ async def measure(count: int, edge_count: int) -> dict[str, Any]:
             if edge_count:
                 results["edge"] = await one_target("through the edge", stack.edge_target, stack, pids, admin,
                                                    members, edge_count)
-            return {"members": USERS, **results}
+            return {"members": users, **results}
         finally:
             stack.stop()
 
@@ -226,8 +226,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=2000, help="streams straight to the replica")
     parser.add_argument("--edge-streams", type=int, default=2000, help="streams through the edge (0: skip)")
+    parser.add_argument("--members", type=int, default=USERS, help="members the streams are spread over")
     args = parser.parse_args()
-    report = asyncio.run(measure(args.streams, args.edge_streams))
+    report = asyncio.run(measure(args.streams, args.edge_streams, args.members))
     write_json(REPORT, report)
     print(f"==> report: {REPORT.relative_to(ROOT)}")
 
