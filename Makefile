@@ -10,7 +10,7 @@ BUF    := $(VENV)/bin/buf
 export PYTHONPATH := $(CURDIR):$(CURDIR)/clients/python/generated
 export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/.cache/bin:/usr/local/go/bin:$(PATH)
 
-.PHONY: help venv lock lock-check deps gen check-gen lint buf-lint buf-breaking typecheck test test-fast fuzz up observe observe-test loadtest bench image image-test render-dev render-prod clean
+.PHONY: help venv lock lock-check deps gen check-gen lint buf-lint buf-breaking typecheck test test-fast fuzz up observe observe-test loadtest seed-scale stream-scale bench-cdn bench image image-test render-dev render-prod clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -94,6 +94,19 @@ observe: ## The stack with Prometheus, Alertmanager and Jaeger (same as make up 
 
 loadtest: venv deps ## Load test every present service with ghz (edge + direct), verdicts, report; ARGS=...
 	@$(PY) tools/loadtest.py $(ARGS)
+
+SCALE_SMALL ?= 10000
+SCALE_LARGE ?= 1000000
+seed-scale: venv ## Seed users with history in bulk; hot-query p99 at SCALE_SMALL vs SCALE_LARGE users (long)
+	@$(PY) tools/seed_scale.py --small $(SCALE_SMALL) --large $(SCALE_LARGE)
+
+STREAMS ?= 2000
+EDGE_STREAMS ?= 2000
+stream-scale: venv deps ## Open STREAMS Subscribe streams on one replica and EDGE_STREAMS through the edge; memory, delivery p99
+	@$(PY) tools/stream_scale.py --streams $(STREAMS) --edge-streams $(EDGE_STREAMS)
+
+bench-cdn: venv deps ## Cached reads through Varnish vs the same reads at the edge (h2load); report in ghz-loadtests/reports
+	@$(PY) tools/cdn_bench.py $(ARGS)
 
 bench: venv deps ## Measure runtime, edge, peer, worker and cache ratios against the targets; ARGS=--quick
 	@$(PY) tools/bench.py $(ARGS)

@@ -5,12 +5,18 @@ Sub-directory conftests (tests/<service>/conftest.py) build their own fixtures o
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
+from services.runtime.storage.embedded import REFUSE_SCANS_ENV
 from tests.servers import start_ferretdb, start_redis
 from tests.support import BACKENDS
+
+# Every embedded store the tests open, in this process and in the service processes they start,
+# refuses a query that no index answers: a query added without its index fails the test that runs it.
+os.environ[REFUSE_SCANS_ENV] = "1"
 
 
 @pytest.fixture(scope="session")

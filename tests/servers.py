@@ -186,3 +186,38 @@ def start_ferretdb(tmpdir: Path) -> RunningServer:
         ]
 
     return _start("ferretdb", tmpdir, command, lambda port: f"mongodb://127.0.0.1:{port}/", _mongo_ready)
+
+
+def _http_ready(url: str) -> bool:
+    host, port = url.removeprefix("http://").rstrip("/").split(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=1) as sock:
+            sock.sendall(b"HEAD / HTTP/1.1\r\nHost: ready\r\nConnection: close\r\n\r\n")
+            return sock.recv(16).startswith(b"HTTP/1.1 ")
+    except OSError:
+        return False
+
+
+def start_varnish(tmpdir: Path, vcl: str) -> RunningServer:
+    """Start Debian's ``varnishd`` in the foreground on a free loopback port with ``vcl``.
+
+    ``-j none``: no privilege separation, so it runs as whoever starts it (root in CI) without the
+    packaged service's users and directories; ``-n`` keeps its working files in ``tmpdir``.
+    """
+    binary = _require(shutil.which("varnishd") or "/usr/sbin/varnishd", "varnishd (Debian package varnish)")
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    vcl_path = tmpdir / "cdn.vcl"
+    vcl_path.write_text(vcl)
+
+    def command(port: int) -> list[str]:
+        return [
+            binary, "-F", "-j", "none",
+            "-n", str(tmpdir / "instance"),
+            "-a", f"127.0.0.1:{port}",
+            "-f", str(vcl_path),
+            "-s", "malloc,64m",
+            # The management interface on a free port of its own, loopback only.
+            "-T", "127.0.0.1:0",
+        ]
+
+    return _start("varnish", tmpdir, command, lambda port: f"http://127.0.0.1:{port}", _http_ready)

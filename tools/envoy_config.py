@@ -69,18 +69,30 @@ CORS_ORIGINS_ENV = "FITTRACKER_EDGE_CORS_ORIGINS"
 #: it, it would still find no service here.
 PREFLIGHT_CLUSTER = "cors-preflight"
 MIB = 1024 * 1024
+#: Open server streams (Subscribe) one replica is sized for (tools/stream_scale.py measures it). A
+#: stream holds a request slot for as long as it is open, so streams get a circuit-breaker budget
+#: of their own (routing priority HIGH) instead of starving the unary calls' 256 slots.
+STREAMS_PER_REPLICA = 10_000
 
 #: JSON reads a CDN (and the apps' HTTP caches) may keep, with their Cache-Control. Each gets a
 #: strong ETag and answers If-None-Match with 304 (envoy/lua/etag.lua). The catalog is the same for
 #: every member and not secret, so ``public`` lets shared caches store it although the request
 #: carries a token (RFC 9111 section 3.5); a CDN in front must still demand a token if the catalog
 #: is to stay members-only. Nothing per-user belongs here.
+#: ``s-maxage`` is what the CDN keeps a copy for; ``max-age`` what an app's own cache does.
 CACHE_POLICIES: dict[str, str] = {
-    "/fittracker.workout.v1.WorkoutService/ListExercises": "public, max-age=300, stale-while-revalidate=60",
-    "/fittracker.workout.v1.WorkoutService/GetExercise": "public, max-age=300, stale-while-revalidate=60",
+    "/fittracker.workout.v1.WorkoutService/ListExercises":
+        "public, max-age=60, s-maxage=300, stale-while-revalidate=60",
+    "/fittracker.workout.v1.WorkoutService/GetExercise":
+        "public, max-age=60, s-maxage=300, stale-while-revalidate=60",
     # Short: a rotated key must reach verifiers soon (Envoy itself reads the file at start).
-    "/fittracker.user.v1.UserService/GetJwks": "public, max-age=300",
+    "/fittracker.user.v1.UserService/GetJwks": "public, max-age=300, s-maxage=300",
 }
+#: Every other JSON read answers for one caller (their profile, sessions, stats): no cache may keep it.
+PER_USER_POLICY = "private, no-store"
+#: A cacheable reply varies with the request's Origin: the CORS filter echoes it in
+#: Access-Control-Allow-Origin, and one origin's copy would be refused by a browser on another.
+CACHE_VARY = "Origin"
 #: The Lua source of the ETag filter (hand-written; Envoy reads it at start).
 ETAG_LUA = Path("envoy/lua/etag.lua")
 #: Response header a cacheable route adds so that the Lua filter hashes its body (and removes it).
@@ -907,6 +919,7 @@ def _service_routes(service: GrpcService, cluster: str) -> list[Yaml]:
             "cluster": cluster,
             "timeout": "0s",
             "max_stream_duration": _stream_duration(streaming=True),
+            "priority": why("The cluster's HIGH circuit-breaker budget: STREAMS_PER_REPLICA open streams.", "HIGH"),
         }
         per_filter: dict[str, Yaml] = {}
         if method.client_streaming:
@@ -937,9 +950,23 @@ def _service_routes(service: GrpcService, cluster: str) -> list[Yaml]:
                 "response_headers_to_add": [
                     {"header": {"key": "cache-control", "value": policy},
                      "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+                    {"header": {"key": "vary", "value": CACHE_VARY},
+                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
                     {"header": {"key": ETAG_MARKER, "value": "sha256"}},
                 ],
             }))
+    per_user = [name for name in unary_reads if f"{service.prefix}{name}" not in CACHE_POLICIES]
+    if per_user:
+        routes.append(why("Per-user JSON reads: no shared or private cache may keep them.", {
+            "name": f"{service.full_name}.reads.json",
+            "match": {"safe_regex": {"regex": f"^{re.escape(service.prefix)}({'|'.join(per_user)})$"},
+                      "headers": [_GRPC_CONTENT, _TRANSCODED]},
+            "route": _unary_route(cluster, read_only=True),
+            "response_headers_to_add": [
+                {"header": {"key": "cache-control", "value": PER_USER_POLICY},
+                 "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+            ],
+        }))
     if unary_reads:
         routes.append({
             "name": f"{service.full_name}.reads",
@@ -1158,6 +1185,15 @@ def _cluster(domain: str, replicas: Sequence[Address]) -> dict[str, Yaml]:
                 "max_requests": 256 * count,
                 "retry_budget": why("Retries may add at most 20 % load, so they cannot snowball.",
                                     {"budget_percent": {"value": 20.0}, "min_retry_concurrency": 3}),
+                "track_remaining": True,
+            },
+        ), why(
+            "Streaming routes (priority HIGH): each open stream holds a slot for its whole life.",
+            {
+                "priority": "HIGH",
+                "max_connections": 64 * count,
+                "max_pending_requests": 128 * count,
+                "max_requests": STREAMS_PER_REPLICA * count,
                 "track_remaining": True,
             },
         )]},

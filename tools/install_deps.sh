@@ -42,6 +42,9 @@ apt_install redis-server redis-server
 apt_install h2load nghttp2-client
 # The browser test (tests/clients/test_typescript_client.py) drives Debian's Chromium headless.
 apt_install chromium chromium
+# The CDN-tier test (tests/edge/test_cdn.py) puts Varnish in front of the edge; it runs its own
+# varnishd, so the packaged service is never started.
+apt_install varnishd varnish
 
 if ! command -v go >/dev/null 2>&1; then
     export PATH="$PATH:/usr/local/go/bin"

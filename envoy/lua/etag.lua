@@ -4,7 +4,7 @@
 -- response headers: its Cache-Control, and the marker `x-fittracker-etag`, which this script
 -- always removes. A marked 200 response gets `ETag: "<SHA-256 of the body, hex>"`, and a request
 -- whose If-None-Match names that tag (weak comparison, RFC 9110 section 13.1.2) gets 304 with no
--- body; a marked error loses the Cache-Control, so no cache keeps an error for minutes. Unmarked
+-- body; a marked error gets `Cache-Control: no-store`, so no cache keeps an error for minutes. Unmarked
 -- responses pass untouched. (A response header, not route metadata: the Lua filter runs before
 -- the transcoder re-routes the call, and its view of the route stays the pre-transcoding one.)
 --
@@ -99,7 +99,8 @@ function envoy_on_response(handle)
   end
   headers:remove("x-fittracker-etag")
   if headers:get(":status") ~= "200" then
-    headers:remove("cache-control")
+    headers:replace("cache-control", "no-store")
+    headers:remove("vary")
     return
   end
   local body = handle:body(true)

@@ -113,16 +113,18 @@ class StoreRevocationLog:
     async def add(self, key: str, revoked_at: float, keep_seconds: float) -> None:
         """Upsert: revoking twice keeps the first time (the later one changes nothing)."""
         expires = datetime.fromtimestamp(revoked_at + keep_seconds, UTC)
+        # A date rather than epoch seconds: a date range is what both stores answer from the index.
+        # Millisecond precision loses nothing that matters: tokens carry whole-second issue times.
         await self._col.update_one(
             {"_id": key},
-            {"$setOnInsert": {"revoked_at": revoked_at, "expires_at": expires}},
+            {"$setOnInsert": {"revoked_at": datetime.fromtimestamp(revoked_at, UTC), "expires_at": expires}},
             upsert=True,
         )
 
     async def since(self, after: float) -> list[tuple[str, float]]:
         """An index range on revoked_at."""
-        docs = await self._col.find({"revoked_at": {"$gt": after}})
-        return [(str(d["_id"]), float(d["revoked_at"])) for d in docs]
+        docs = await self._col.find({"revoked_at": {"$gt": datetime.fromtimestamp(after, UTC)}})
+        return [(str(d["_id"]), d["revoked_at"].timestamp()) for d in docs]
 
 
 class Revocations:

@@ -158,7 +158,8 @@ class AnalyticsApi:
     async def published(self, event_type: str, user_id: str) -> list[events_pb2.EventEnvelope]:
         """The envelopes of a type about a user that the service put in its outbox."""
         docs = await self.running.resources.store.collection(OUTBOX).find(
-            {"event_type": f"fittracker.events.v1.{event_type}"}
+            # Sent or not: every entry, through the index on ``sent`` (the store refuses scans in tests).
+            {"sent": {"$in": [True, False]}, "event_type": f"fittracker.events.v1.{event_type}"}
         )
         envelopes = [events_pb2.EventEnvelope.FromString(base64.b64decode(d["envelope"])) for d in docs]
         return [e for e in envelopes if e.user == f"users/{user_id}"]

@@ -31,6 +31,7 @@ def assert_cacheable(reply: Reply, policy: str) -> str:
     """The reply is a 200 with its policy and the body's tag, and no internal marker; the tag."""
     assert reply.status == 200, reply.body
     assert reply.headers["cache-control"] == policy
+    assert reply.headers["vary"] == envoy_config.CACHE_VARY
     assert reply.headers["etag"] == strong_tag(reply.body)
     assert envoy_config.ETAG_MARKER not in reply.headers
     return reply.headers["etag"]
@@ -67,9 +68,11 @@ def test_per_user_reads_and_grpc_web_get_no_cache_headers(edge: Edge, account: A
     over_grpc_web = edge.grpc_web("/fittracker.user.v1.UserService/GetJwks", user_service_pb2.GetJwksRequest())
 
     assert profile.status == 200  # If-None-Match means nothing on a route without validators
+    assert profile.headers["cache-control"] == envoy_config.PER_USER_POLICY
+    assert "cache-control" not in over_grpc_web.headers  # gRPC-Web is a POST: nothing caches it
     for headers in (profile.headers, over_grpc_web.headers):
         assert "etag" not in headers
-        assert "cache-control" not in headers
+        assert "vary" not in headers
         assert envoy_config.ETAG_MARKER not in headers
     assert over_grpc_web.grpc_status == 0
 
@@ -99,6 +102,7 @@ def test_catalog_errors_are_not_cacheable(edge: Edge, account: Account) -> None:
     missing = edge.json("GET", "/v1/exercises/no-such-exercise", token=account.access_token)
 
     assert missing.status == 404, missing.body
-    assert "cache-control" not in missing.headers
+    assert missing.headers["cache-control"] == "no-store"
+    assert "vary" not in missing.headers
     assert "etag" not in missing.headers
     assert envoy_config.ETAG_MARKER not in missing.headers

@@ -281,7 +281,7 @@ def test_reads_retry_on_reset_and_the_rest_do_not(services: list[envoy_config.Gr
     assert names.index("fittracker.user.v1.UserService.reads") < names.index("fittracker.user.v1.UserService")
 
 
-def test_cacheable_reads_get_their_policy_and_the_etag_marker(services: list[envoy_config.GrpcService]) -> None:
+def test_every_json_read_states_its_cacheability(services: list[envoy_config.GrpcService]) -> None:
     config: Any = envoy_config.plain(envoy_config.build_config(
         services, envoy_config.default_topology({s.domain for s in services}), EdgeOptions()))
     routes = {r["name"]: r for r in _routes(config)}
@@ -293,7 +293,17 @@ def test_cacheable_reads_get_their_policy_and_the_etag_marker(services: list[env
         # Only calls the transcoder rewrote from JSON: gRPC and gRPC-Web replies are not for HTTP caches.
         assert {"name": "x-envoy-original-path", "present_match": True} in route["match"]["headers"]
         added = {h["header"]["key"]: h["header"]["value"] for h in route["response_headers_to_add"]}
-        assert added == {"cache-control": policy, envoy_config.ETAG_MARKER: "sha256"}
+        assert added == {"cache-control": policy, "vary": envoy_config.CACHE_VARY, envoy_config.ETAG_MARKER: "sha256"}
+    for service in services:
+        per_user = [f"{service.prefix}{m.name}" for m in service.methods if m.read_only
+                    and not (m.client_streaming or m.server_streaming)
+                    and f"{service.prefix}{m.name}" not in envoy_config.CACHE_POLICIES]
+        if per_user:
+            route = routes[f"{service.full_name}.reads.json"]
+            assert {"name": "x-envoy-original-path", "present_match": True} in route["match"]["headers"]
+            assert route["response_headers_to_add"] == [{"header": {
+                "key": "cache-control", "value": envoy_config.PER_USER_POLICY},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     names = [f["name"] for f in hcm["http_filters"]]
     # Before the transcoder in the chain, so after it on the way out: it hashes JSON, not gRPC frames.

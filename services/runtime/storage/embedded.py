@@ -18,6 +18,12 @@ Calls run inline on the event loop rather than in ``asyncio.to_thread``. Measure
 lock for ~0.3 ms. Inline calls also cannot interleave on the process's one connection, so no lock
 of our own is needed. The cost: a call waiting for another process's write lock blocks the loop
 for that long (at most ``busy_timeout``).
+
+Scale: a query is answered from an index when a top-level condition is equality on ``_id``, on a
+single-field index or on a compound index's first field, or a date range on a single-field index;
+anything else reads every document of the collection. ``refuse_scans`` (``FITTRACKER_STORE_REFUSE_SCANS=1``,
+on for the whole test suite, like MongoDB's ``notablescan``) asks SQLite for each query's plan
+(EXPLAIN QUERY PLAN) and refuses one that would read the collection rather than an index.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import contextlib
 import copy
 import functools
 import json
+import os
 import re
 import sqlite3
 import time
@@ -47,12 +54,28 @@ from services.runtime.storage.base import (
     Update,
 )
 
-__all__ = ["EmbeddedStore", "apply_update", "matches", "normalize", "upsert_seed", "values_at"]
+__all__ = [
+    "EmbeddedStore",
+    "ScanRefusedError",
+    "apply_update",
+    "matches",
+    "normalize",
+    "scans_documents",
+    "upsert_seed",
+    "values_at",
+]
 
 _T = TypeVar("_T")
 _DATE_TAG = "$date"
 #: How long a call waits for another process's write lock before giving up with StoreError.
 _BUSY_TIMEOUT_MS = 5000
+
+#: Set to 1 to refuse queries that no index answers (see the module docstring).
+REFUSE_SCANS_ENV = "FITTRACKER_STORE_REFUSE_SCANS"
+#: Where a date key starts and a bound above every date key: dates encode as {"$date":"<ISO>"}, and
+#: ISO 8601 in UTC at millisecond precision sorts as text in time order.
+_DATE_KEY_FLOOR = '{"' + _DATE_TAG + '":"'
+_DATE_KEY_CEILING = _DATE_KEY_FLOOR + "\uffff"
 
 #: The condition that hides documents a TTL index has expired; binds the current epoch time.
 _LIVE = "(expires_at IS NULL OR expires_at > ?)"
@@ -90,11 +113,18 @@ CREATE TABLE IF NOT EXISTS indexes (
 # Values: normalisation, JSON encoding, MongoDB's equality and ordering.
 
 
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
 def normalize(value: Any) -> Any:
     """Return ``value`` as it will read back: datetimes in UTC at millisecond precision (BSON's).
 
     Naive datetimes are taken as UTC, as PyMongo does; tuples become lists.
     """
+    kind = type(value)
+    # Exact types first: most values are plain, and isinstance against Mapping (an ABC) is slow.
+    if kind in _PLAIN or (kind is datetime and value.tzinfo is UTC and value.microsecond % 1000 == 0):
+        return value
     if isinstance(value, datetime):
         aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
         return aware.replace(microsecond=aware.microsecond // 1000 * 1000)
@@ -140,6 +170,12 @@ def _canonical(value: Any) -> Any:
 
 
 def _key(value: Any) -> str:
+    kind = type(value)
+    # Scalars encode the same with json's default (C) encoder, which the options below would bypass.
+    if kind is str or kind is int or kind is bool or value is None:
+        return json.dumps(value)
+    if kind is float:
+        return json.dumps(int(value) if value.is_integer() else value)
     return json.dumps(_canonical(value), default=_encode_default, sort_keys=True, separators=(",", ":"))
 
 
@@ -496,6 +532,9 @@ def _index_keys(doc: Document, index: IndexSpec) -> set[str]:
     """Compute the keys ``doc`` gives ``index``: one per array element, missing fields as null."""
     per_field: list[list[str]] = []
     for path, _direction in index.keys:
+        if "." not in path and type(doc.get(path)) in _PLAIN:
+            per_field.append([_key(doc.get(path))])  # the common case: one top-level scalar (or missing)
+            continue
         keys = {_key(v) for v in _flatten(values_at(doc, path)) if not isinstance(v, list)}
         per_field.append(sorted(keys) or [_key(None)])
     if len(per_field) == 1:
@@ -524,10 +563,16 @@ def _spec_json(index: IndexSpec) -> str:
 class EmbeddedStore:
     """A DocumentStore in one SQLite file; open one per process (connections are not shared)."""
 
-    def __init__(self, path: Path) -> None:
-        """Open (creating if needed) the database file at ``path`` and its schema."""
+    def __init__(self, path: Path, *, refuse_scans: bool | None = None) -> None:
+        """Open (creating if needed) the database file at ``path`` and its schema.
+
+        ``refuse_scans`` (default: ``FITTRACKER_STORE_REFUSE_SCANS`` is 1) makes a query that no index
+        answers fail with ScanRefusedError instead of reading the whole collection.
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
         self._path = path
+        self.refuse_scans = os.environ.get(REFUSE_SCANS_ENV) == "1" if refuse_scans is None else refuse_scans
+        self._checked_plans: set[str] = set()
         self._collections: dict[str, EmbeddedCollection] = {}
         # Switching to WAL can answer "database is locked" at once, without waiting on busy_timeout,
         # while another process opens the same new file; replicas starting together retry briefly.
@@ -585,6 +630,18 @@ class EmbeddedStore:
             return fn(self._conn)
         except sqlite3.Error as exc:
             raise StoreError(f"embedded store read failed: {exc}") from exc
+
+    def check_plan(self, conn: sqlite3.Connection, collection: str, flt: Filter, sql: str, params: list[Any]) -> None:
+        """Raise ScanRefusedError when SQLite's plan for ``sql`` reads ``collection`` without an index.
+
+        The plan depends on the SQL text only (values are bound), so each text is explained once.
+        """
+        if sql in self._checked_plans:
+            return
+        plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
+        if any(scans_documents(detail) for detail in plan):
+            raise ScanRefusedError(collection, flt, plan)
+        self._checked_plans.add(sql)
 
     def collection(self, spec: CollectionSpec) -> EmbeddedCollection:
         """Return the collection described by ``spec``; writes maintain its declared indexes."""
@@ -706,7 +763,25 @@ class EmbeddedCollection:
                     " AND id IN (SELECT id FROM index_keys WHERE coll = ? AND idx = ? AND key >= ? AND key < ?)",
                     [self.name, prefix_index.name, start, start[:-1] + "-"],
                 )
+        if not best[0]:
+            best = self._date_range_lookup(conn, clauses)
         return best
+
+    def _date_range_lookup(self, conn: sqlite3.Connection, clauses: list[tuple[str, Any]]) -> tuple[str, list[Any]]:
+        """Narrow to a date range on a single-field index (due deliveries, revocations since a time)."""
+        for path, cond in clauses:
+            index = self._equality_indexes.get(path)
+            bounds = _date_bounds(cond)
+            if index is None or bounds is None or index.name not in self._built_indexes(conn):
+                continue
+            (low, low_op), (high, high_op) = bounds
+            return (
+                # Fixed SQL: the comparison operators come from _date_bounds, the values are bound.
+                " AND id IN (SELECT id FROM index_keys WHERE coll = ? AND idx = ? "  # noqa: S608
+                f"AND key {low_op} ? AND key {high_op} ?)",
+                [self.name, index.name, low, high],
+            )
+        return "", []
 
     def _rows(self, conn: sqlite3.Connection, flt: Filter, now: float) -> Iterator[Document]:
         where, params = self._lookup(conn, flt)
@@ -715,6 +790,8 @@ class EmbeddedCollection:
             f"SELECT body FROM documents WHERE coll = ? AND {_LIVE}"  # noqa: S608
             f"{where} ORDER BY id"
         )
+        if self._store.refuse_scans:
+            self._store.check_plan(conn, self.name, flt, sql, [self.name, now, *params])
         for (body,) in conn.execute(sql, [self.name, now, *params]):
             doc = _loads(body)
             if matches(doc, flt):
@@ -762,9 +839,14 @@ class EmbeddedCollection:
         flt = normalize(flt)
         if not flt:
             sql = f"SELECT COUNT(*) FROM documents WHERE coll = ? AND {_LIVE}"  # noqa: S608 (constant)
-            return int(
-                self._store._read(lambda conn: conn.execute(sql, (self.name, time.time())).fetchone()[0])
-            )
+
+            def run(conn: sqlite3.Connection) -> int:
+                params = [self.name, time.time()]
+                if self._store.refuse_scans:
+                    self._store.check_plan(conn, self.name, flt, sql, params)
+                return int(conn.execute(sql, params).fetchone()[0])
+
+            return self._store._read(run)
         return self._store._read(lambda conn: sum(1 for _ in self._rows(conn, flt, time.time())))
 
     # -- writing -------------------------------------------------------------------------------
@@ -822,6 +904,27 @@ class EmbeddedCollection:
         def run(conn: sqlite3.Connection) -> None:
             self._purge_expired(conn, time.time())
             self._insert_row(conn, new)
+
+        self._store._write(run)
+
+    async def insert_many(self, docs: Sequence[Document]) -> None:
+        """Insert new documents in one transaction (bulk loads: one commit for the whole batch)."""
+        if not all(isinstance(doc.get("_id"), str) for doc in docs):
+            raise ValueError("documents need a string _id")
+        new = [normalize(doc) for doc in docs]
+        rows = [(self.name, doc["_id"], _dumps(doc), _expires_at(doc, self.spec)) for doc in new]
+        keys = [(self.name, index.name, key, doc["_id"], int(index.unique))
+                for index in self.spec.indexes for doc in new for key in _index_keys(doc, index)]
+
+        def run(conn: sqlite3.Connection) -> None:
+            # One statement per table for the whole batch: the per-row cost is what bulk loads pay.
+            try:
+                conn.executemany("INSERT INTO documents (coll, id, body, expires_at) VALUES (?, ?, ?, ?)", rows)
+                conn.executemany(
+                    "INSERT INTO index_keys (coll, idx, key, id, is_unique) VALUES (?, ?, ?, ?, ?)", keys)
+            except sqlite3.IntegrityError as exc:
+                clash = "_id_" if "documents." in str(exc) else "a unique index"
+                raise DuplicateKeyError(self.name, clash) from exc
 
         self._store._write(run)
 
@@ -889,6 +992,49 @@ class EmbeddedCollection:
             return len(ids)
 
         return self._store._write(run)
+
+
+_LOWER_OPS = {"$gt": ">", "$gte": ">="}
+_UPPER_OPS = {"$lt": "<", "$lte": "<="}
+
+
+def _date_bounds(cond: Any) -> tuple[tuple[str, str], tuple[str, str]] | None:
+    """Return the index-key range ((low, op), (high, op)) of a condition made only of date bounds."""
+    if not _is_operator_doc(cond) or not set(cond) <= {*_LOWER_OPS, *_UPPER_OPS}:
+        return None
+    if not all(isinstance(arg, datetime) for arg in cond.values()):
+        return None
+    low, high = (_DATE_KEY_FLOOR, ">="), (_DATE_KEY_CEILING, "<")
+    for op, arg in cond.items():
+        if op in _LOWER_OPS:
+            low = (_key(arg), _LOWER_OPS[op])
+        else:
+            high = (_key(arg), _UPPER_OPS[op])
+    return low, high
+
+
+def scans_documents(plan_detail: str) -> bool:
+    """Tell whether one line of SQLite's query plan reads a collection or an index without a key.
+
+    "SCAN t" reads a whole table or index; a search of ``documents`` by ``coll`` alone reads a
+    whole collection. Index-backed lookups search ``documents`` by ``id`` and ``index_keys`` by key.
+    """
+    if plan_detail.startswith("SCAN "):
+        return True
+    return plan_detail.startswith("SEARCH documents ") and "id=" not in plan_detail
+
+
+class ScanRefusedError(StoreError):
+    """A query would read a whole collection, and the store was told to refuse such queries."""
+
+    def __init__(self, collection: str, flt: Filter, plan: list[str]) -> None:
+        """Name the collection, the filter's fields and SQLite's plan."""
+        super().__init__(
+            f"no index answers the query on {collection} with filter fields {sorted(flt)}; "
+            f"declare one (SQLite plan: {'; '.join(plan)})"
+        )
+        self.collection = collection
+        self.plan = plan
 
 
 def _equality_values(cond: Any) -> list[Any] | None:
