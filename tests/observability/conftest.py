@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.servers import start_redis
 from tools.devstack import Stack
 from tools.observe import Observability, Ports
 
@@ -53,10 +54,11 @@ def lines() -> Lines:
 
 
 @pytest.fixture(scope="session")
-def observed(
-    tmp_path_factory: pytest.TempPathFactory, lines: Lines, redis_url: str
-) -> Iterator[tuple[Stack, Observability]]:
+def observed(tmp_path_factory: pytest.TempPathFactory, lines: Lines) -> Iterator[tuple[Stack, Observability]]:
     work = tmp_path_factory.mktemp("observed")
+    # A Redis of its own: on the session's shared one, this stack's consumer groups ("workout",
+    # "user", ...) would take the events other tests publish for their own services.
+    redis = start_redis(work / "redis")
     observability = Observability(work / "observability", lines.append, ports=Ports.free(), scrape_interval="1s")
     observability.start_tracing()
     stack = Stack(
@@ -71,7 +73,7 @@ def observed(
         user_limit=None,
         service_env={
             "FITTRACKER_ENVIRONMENT": "test",
-            "FITTRACKER_REDIS_URL": redis_url,
+            "FITTRACKER_REDIS_URL": redis.url,
             "FITTRACKER_ARGON2_MEMORY_KIB": "1024",
             "FITTRACKER_ARGON2_TIME_COST": "1",
             "FITTRACKER_GRACE_SECONDS": "1",
@@ -86,6 +88,7 @@ def observed(
     finally:
         stack.stop()
         observability.stop()
+        redis.stop()
 
 
 class Api:

@@ -97,6 +97,13 @@ async def test_deleting_an_account_starts_a_saga_that_every_service_answers(
     assert list(event.user_deleted.expected_services) == list(ERASING_SERVICES)
     assert event.event_id == fact_id("user.deleted", user_id, request_id)
     sagas = observer.store.collection(DELETIONS)
+
+    async def erasing() -> bool:
+        # The relay may publish UserDeleted a moment before the saga records the announcement.
+        current = await sagas.get(request_id)
+        return current is not None and current["status"] == "erasing"
+
+    await eventually(erasing, what="the saga to record its announcement")
     saga = await sagas.get(request_id)
     assert saga is not None
     assert (saga["user_id"], saga["status"], saga["answers"]) == (user_id, "erasing", {})
