@@ -868,8 +868,10 @@ def _retry_policy(*, streaming: bool = False, read_only: bool = False) -> dict[s
         "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
     }
     if not streaming:
-        # A per-try timeout would also cut a healthy stream, so only unary calls get one.
-        policy["per_try_timeout"] = "10s"
+        # A per-try timeout would also cut a healthy stream, so only unary calls get one. A read
+        # cut by it is retried on another replica ("reset" covers the timeout): a hung (SIGSTOPped,
+        # deadlocked) replica then costs a read one second, not the caller's whole deadline.
+        policy["per_try_timeout"] = why("Ten times the p99 target; then another replica.", "1s") if read_only else "10s"
     return policy
 
 
@@ -1222,6 +1224,12 @@ def build_config(services: Sequence[GrpcService], topology: Topology, options: E
             "listeners": [why("One port for JSON, gRPC-Web and native gRPC.", _listener(served, topology, options))],
             "clusters": clusters,
         },
+        "layered_runtime": why(
+            "oghttp2 for HTTP/2: with nghttp2, grpc-go clients that cancel streams (ghz after a "
+            "stream's first message) hit 'codec_error:The_user_callback_function_failed' now and "
+            "then, and the connection's other calls end UNAVAILABLE; oghttp2 gave 0 in 13,000.",
+            {"layers": [{"name": "static", "static_layer": {"envoy.reloadable_features.http2_use_oghttp2": True}}]},
+        ),
         "overload_manager": why("Caps open client connections, as Envoy's edge guidance asks.", {
             "resource_monitors": [{
                 "name": "envoy.resource_monitors.global_downstream_max_connections",
