@@ -10,7 +10,7 @@ BUF    := $(VENV)/bin/buf
 export PYTHONPATH := $(CURDIR):$(CURDIR)/clients/python/generated
 export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/.cache/bin:/usr/local/go/bin:$(PATH)
 
-.PHONY: help venv lock lock-check deps gen check-gen lint buf-lint buf-breaking typecheck test test-fast fuzz up loadtest bench image image-test render-dev render-prod clean
+.PHONY: help venv lock lock-check deps gen check-gen lint buf-lint buf-breaking typecheck test test-fast fuzz up loadtest bench chaos soak image image-test render-dev render-prod clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -85,6 +85,15 @@ up: venv ## Run Envoy and all services locally on the embedded store (Ctrl-C sto
 
 loadtest: venv deps ## Load test every present service with ghz (edge + direct), verdicts, report; ARGS=...
 	@$(PY) tools/loadtest.py $(ARGS)
+
+CHAOS_MINUTES ?= 3
+CHAOS_SEED ?= 1
+chaos: venv deps ## Seeded random faults under a user load through the edge; CHAOS_MINUTES=3 CHAOS_SEED=1; JSON+HTML report
+	@$(PY) tools/chaos.py --minutes $(CHAOS_MINUTES) --seed $(CHAOS_SEED) $(ARGS)
+
+SOAK_MINUTES ?= 60
+soak: venv deps ## Steady load for SOAK_MINUTES (60): samples RSS, FDs, asyncio tasks, Redis and SQLite; flags growth
+	@$(PY) tools/soak.py --minutes $(SOAK_MINUTES) $(ARGS)
 
 bench: venv deps ## Measure runtime, edge, peer, worker and cache ratios against the targets; ARGS=--quick
 	@$(PY) tools/bench.py $(ARGS)

@@ -329,6 +329,8 @@ class DataCheck:
     sets_lost: int = 0
     sessions_completed: int = 0
     sessions_lost: int = 0
+    #: Sessions the workout service holds as completed (what analytics must count).
+    stored_completed: int = 0
     #: Completed sessions analytics counted more than once / not at all (after waiting for it).
     counted_twice: int = 0
     not_counted: int = 0
@@ -346,6 +348,7 @@ class DataCheck:
         return {
             "sets_acknowledged": self.sets_acknowledged, "sets_lost": self.sets_lost,
             "sessions_completed": self.sessions_completed, "sessions_lost": self.sessions_lost,
+            "stored_completed": self.stored_completed,
             "counted_twice": self.counted_twice, "not_counted": self.not_counted,
             "inconsistent": self.inconsistent, "lost": self.lost, "problems": self.problems[:20],
         }
@@ -389,6 +392,7 @@ def _check_ledger(edge: Edge, ledger: Ledger, check: DataCheck) -> int | None:
             check.sessions_lost += 1
             check.problems.append(f"{name}: acknowledged completion lost")
     completed = [s for s in sessions if s.get("state") == "SESSION_STATE_COMPLETED"]
+    check.stored_completed += len(completed)
     for session in completed:
         volume = sum(float(s.get("reps", 0)) * float(s.get("weight_kg", 0)) for s in session.get("sets", [])
                      if s.get("set_type", "SET_TYPE_WORKING") != "SET_TYPE_WARMUP")

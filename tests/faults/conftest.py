@@ -41,7 +41,7 @@ SERVICE_ENV = {
 MATRIX: list[dict[str, Any]] = []
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """A durable Redis private to the fault stack, to kill and restart."""
     server = start_redis(tmp_path_factory.mktemp("faults-redis"), durable=True)
@@ -60,9 +60,9 @@ class FaultStack:
     proxy: LatencyProxy
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def faults(tmp_path_factory: pytest.TempPathFactory, redis_server: RunningServer) -> Iterator[FaultStack]:
-    """The fault stack, started once for the module's rows."""
+    """The fault stack, started once for the matrix and the short chaos run."""
     running = Stack(
         tmp_path_factory.mktemp("faults-stack"),
         services=SERVICES,
