@@ -9,6 +9,7 @@ Tracing runs before it, in OpenTelemetry's own interceptor, so every log line ha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextvars import ContextVar
@@ -236,7 +237,10 @@ class CallPipeline(grpc.aio.ServerInterceptor):
         finally:
             self._finish(stats, code, started)
             if principal_token is not None:
-                auth.reset_principal(principal_token)
+                # A stream the client cancelled is closed by grpc from another task (another
+                # context), where the token cannot be reset; that context ends with the stream anyway.
+                with contextlib.suppress(ValueError):
+                    auth.reset_principal(principal_token)
 
     async def _validated(self, requests: AsyncIterator[Message]) -> AsyncIterator[Message]:
         async for request in requests:
