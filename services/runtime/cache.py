@@ -72,6 +72,8 @@ _VERSION_TTL_FACTOR = 10
 _RESUBSCRIBE_BACKOFF = (0.05, 0.2, 1.0, 2.0)
 #: While Redis is failing, how often a call tries it again (the others go straight to the store).
 _L2_RETRY_SECONDS = 1.0
+#: At most one warning this often per cache while Redis stays away.
+_L2_WARN_SECONDS = 10.0
 _REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 # Stores the value only while the key's version is still the one it was loaded under, atomically.
@@ -272,6 +274,7 @@ class Cache(Generic[T]):
         self._subscribed = asyncio.Event()
         # While Redis fails: when to try it again, and the keys invalidated meanwhile.
         self._l2_retry_at = 0.0
+        self._l2_warned_at = -_L2_WARN_SECONDS
         self._unflushed: set[str] = set()
         # Without Redis, versions are a local counter: enough to order loads against invalidations.
         self._local_version = 0
@@ -425,7 +428,10 @@ class Cache(Generic[T]):
     async def _bump(self, keys: Iterable[str]) -> int:
         """Raise each key's version and drop its Redis copy in one transaction; the last new version."""
         assert self._redis is not None
-        async with self._redis.pipeline(transaction=True) as pipe:
+        keys = list(keys)
+        # One key: one transaction. Several (after an outage): keys of different Redis Cluster slots
+        # cannot share one, and each key's three commands stay safe without (see invalidate).
+        async with self._redis.pipeline(transaction=len(keys) == 1) as pipe:
             for key in keys:
                 version_key, value_key = self._redis_keys(key)
                 pipe.incr(version_key)
@@ -449,15 +455,16 @@ class Cache(Generic[T]):
             self._l2_failed(error)
             return False
         self._l2_retry_at = 0.0
-        log.info("cache back on Redis", extra={"fields": {"cache": self.name}})
         return True
 
     def _l2_failed(self, error: BaseException) -> None:
         """Redis failed: serve from the store without caching until ``_L2_RETRY_SECONDS`` have passed."""
-        if self._l2_retry_at == 0.0:
+        now = time.monotonic()
+        if now - self._l2_warned_at >= _L2_WARN_SECONDS:
+            self._l2_warned_at = now
             log.warning("cache cannot reach Redis; reading from the store", extra={"fields": {
                 "cache": self.name, "error": repr(error)}})
-        self._l2_retry_at = time.monotonic() + _L2_RETRY_SECONDS
+        self._l2_retry_at = now + _L2_RETRY_SECONDS
         # Invalidations from other replicas no longer arrive: nothing in L1 can be trusted.
         self.l1.clear()
 
