@@ -307,12 +307,16 @@ def percentile(values: Sequence[float], pct: float) -> float:
     return ordered[rank]
 
 
-def edge_retries(admin_get: Callable[[str], tuple[int, str]], clusters: Iterable[str]) -> int:
-    """Retries the edge made so far (``upstream_rq_retry`` summed over ``clusters``)."""
-    status, body = admin_get("/stats?filter=upstream_rq_retry$")
+def edge_retries(admin_get: Callable[[str], tuple[int, str]], clusters: Iterable[str],
+                 stat: str = "upstream_rq_retry") -> int:
+    """Retries the edge made so far: ``stat`` summed over ``clusters``.
+
+    ``upstream_rq_retry_overflow`` counts the retries the retry budget refused instead.
+    """
+    status, body = admin_get(f"/stats?filter={stat}$")
     if status != 200:
         return 0
-    wanted = {f"cluster.{c}.upstream_rq_retry" for c in clusters}
+    wanted = {f"cluster.{c}.{stat}" for c in clusters}
     total = 0
     for line in body.splitlines():
         name, _, value = line.partition(": ")

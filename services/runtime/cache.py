@@ -583,6 +583,11 @@ class Cache(Generic[T]):
             except asyncio.CancelledError:
                 raise
             except _REDIS_DOWN as error:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # redis-py turns a cancellation that interrupts a read into a ConnectionError:
+                    # an outage would resubscribe, a close must stop (or close() waits forever).
+                    raise asyncio.CancelledError from error
                 self._subscribed.clear()
                 self.l1.clear()
                 delay = _RESUBSCRIBE_BACKOFF[min(attempt, len(_RESUBSCRIBE_BACKOFF) - 1)]

@@ -37,6 +37,7 @@ class Row:
         self.load = UserLoad(stack.host, stack.edge_port, users=users, seed=seed, **load)
         self.load.setup()
         self._retries = edge_retries(stack.admin_get, stack.services)
+        self._refused = edge_retries(stack.admin_get, stack.services, "upstream_rq_retry_overflow")
 
     def run(self, script: Callable[[UserLoad], None]) -> None:
         """Start the load, run ``script`` (the fault, with its waits), stop the load."""
@@ -53,6 +54,8 @@ class Row:
                "retried": edge_retries(self.stack.admin_get, self.stack.services) - self._retries
                + self.load.client_retries,
                "lost": check.lost, "p99_ms": totals["p99_ms"], "failed_by_status": totals["failed_by_status"],
+               "retries_refused_by_budget": edge_retries(self.stack.admin_get, self.stack.services,
+                                                         "upstream_rq_retry_overflow") - self._refused,
                "data": check.as_dict(), **extra}
         MATRIX.append(row)
         return row
