@@ -10,7 +10,7 @@ BUF    := $(VENV)/bin/buf
 export PYTHONPATH := $(CURDIR):$(CURDIR)/clients/python/generated
 export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/.cache/bin:/usr/local/go/bin:$(PATH)
 
-.PHONY: help venv lock lock-check deps gen check-gen lint buf-lint buf-breaking typecheck test test-fast fuzz up observe observe-test loadtest seed-scale stream-scale bench-cdn bench image image-test render-dev render-prod clean
+.PHONY: help venv lock lock-check deps gen check-gen lint buf-lint buf-breaking typecheck test test-fast fuzz up observe observe-test loadtest seed-scale stream-scale bench-cdn bench chaos soak image image-test render-dev render-prod clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -107,6 +107,15 @@ stream-scale: venv deps ## Open STREAMS Subscribe streams on one replica and EDG
 
 bench-cdn: venv deps ## Cached reads through Varnish vs the same reads at the edge (h2load); report in ghz-loadtests/reports
 	@$(PY) tools/cdn_bench.py $(ARGS)
+
+CHAOS_MINUTES ?= 3
+CHAOS_SEED ?= 1
+chaos: venv deps ## Seeded random faults under a user load through the edge; CHAOS_MINUTES=3 CHAOS_SEED=1; JSON+HTML report
+	@$(PY) tools/chaos.py --minutes $(CHAOS_MINUTES) --seed $(CHAOS_SEED) $(ARGS)
+
+SOAK_MINUTES ?= 60
+soak: venv deps ## Steady load for SOAK_MINUTES (60): samples RSS, FDs, asyncio tasks, Redis and SQLite; flags growth
+	@$(PY) tools/soak.py --minutes $(SOAK_MINUTES) $(ARGS)
 
 bench: venv deps ## Measure runtime, edge, peer, worker and cache ratios against the targets; ARGS=--quick
 	@$(PY) tools/bench.py $(ARGS)

@@ -8,6 +8,7 @@ nothing here skips silently.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -40,6 +41,9 @@ class RunningServer:
     port: int
     url: str
     log_path: Path
+    #: The argv it was started with, to start it again on the same port and files.
+    argv: tuple[str, ...] = ()
+    ready: Callable[[str], bool] | None = None
 
     def log_tail(self, lines: int = 30) -> str:
         """Return the last ``lines`` lines of the server's log."""
@@ -48,6 +52,28 @@ class RunningServer:
         except FileNotFoundError:
             return "(no log written)"
         return "\n".join(text.splitlines()[-lines:])
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash: no shutdown work, no flush) and reap it."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def restart(self) -> None:
+        """Start the stopped server again with the same argv (same port, same files); wait until ready."""
+        if self.process.poll() is None:
+            raise ServerStartError(f"{self.name} still runs; stop or kill it first")
+        assert self.ready is not None
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                list(self.argv), cwd=self.log_path.parent, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        while not self.ready(self.url):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise ServerStartError(f"{self.name} did not come back on port {self.port}:\n{self.log_tail()}")
+            time.sleep(_POLL_INTERVAL_SECONDS)  # polling interval between readiness probes
 
     def stop(self, timeout: float = 10.0) -> None:
         """Terminate the server and wait for it, killing it if it does not exit in ``timeout``."""
@@ -98,7 +124,7 @@ def _start(
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
-        server = RunningServer(name, process, "127.0.0.1", port, url(port), log_path)
+        server = RunningServer(name, process, "127.0.0.1", port, url(port), log_path, tuple(command(port)), ready)
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -142,8 +168,13 @@ def _mongo_ready(url: str) -> bool:
         client.close()
 
 
-def start_redis(tmpdir: Path) -> RunningServer:
-    """Start ``redis-server`` on a free loopback port, without persistence, in ``tmpdir``."""
+def start_redis(tmpdir: Path, *, durable: bool = False) -> RunningServer:
+    """Start ``redis-server`` on a free loopback port in ``tmpdir``; without persistence unless ``durable``.
+
+    ``durable`` is how the events' Redis runs in production: an append-only file synced before
+    each reply (``appendfsync always``), so a killed and restarted Redis keeps every stream entry
+    it acknowledged.
+    """
     binary = _require("redis-server", "redis-server")
 
     def command(port: int) -> list[str]:
@@ -156,7 +187,9 @@ def start_redis(tmpdir: Path) -> RunningServer:
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes" if durable else "no",
+            "--appendfsync",
+            "always",
             "--dir",
             str(tmpdir),
             "--daemonize",

@@ -20,6 +20,12 @@ Why reads stay correct across replicas:
   (``cache_invalidation_ack_timeouts``); its L1 copy still expires after ``l1_ttl``.
 - A replica whose subscription drops may have missed messages: it clears its L1 on resubscribing.
 
+When Redis stops answering the cache steps aside rather than failing calls: reads go to the
+loader (the store) and nothing is cached, not even in L1 (invalidations from other replicas no
+longer arrive), until Redis answers again, tried at most every ``_L2_RETRY_SECONDS``. Keys this
+process invalidated meanwhile are invalidated in Redis first when it is back, so a Redis that
+kept its data (AOF) cannot serve what was current before the outage.
+
 Without Redis the cache is L1 only, with a short TTL, and invalidation reaches only this process:
 other processes (replicas, SO_REUSEPORT workers) may serve a value up to ``l1_ttl`` seconds old
 after a write elsewhere. That is the documented limit of the no-Redis mode, meant for a single
@@ -64,6 +70,11 @@ DEFAULT_ACK_TIMEOUT = 0.5
 #: Version keys outlive the values they guard by this factor (see ``_version_ttl_ms``).
 _VERSION_TTL_FACTOR = 10
 _RESUBSCRIBE_BACKOFF = (0.05, 0.2, 1.0, 2.0)
+#: While Redis is failing, how often a call tries it again (the others go straight to the store).
+_L2_RETRY_SECONDS = 1.0
+#: At most one warning this often per cache while Redis stays away.
+_L2_WARN_SECONDS = 10.0
+_REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 # Stores the value only while the key's version is still the one it was loaded under, atomically.
 _CAS_SET = """
@@ -261,6 +272,10 @@ class Cache(Generic[T]):
         self._cas: Any = redis.register_script(_CAS_SET) if redis is not None else None
         self._subscriber: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
+        # While Redis fails: when to try it again, and the keys invalidated meanwhile.
+        self._l2_retry_at = 0.0
+        self._l2_warned_at = -_L2_WARN_SECONDS
+        self._unflushed: set[str] = set()
         # Without Redis, versions are a local counter: enough to order loads against invalidations.
         self._local_version = 0
         # Bound once: a labels() lookup per call would cost more than an L1 hit itself.
@@ -326,9 +341,13 @@ class Cache(Generic[T]):
             self._l1_hit.inc()
             return value  # type: ignore[no-any-return]  # L1 holds only values of type T
         self._l1_miss.inc()
-        if self._redis is None:
+        if self._redis is None or not await self._l2_ready():
             return None
-        found, version, _ = await self._read_l2(key)
+        try:
+            found, version, _ = await self._read_l2(key)
+        except _REDIS_DOWN as error:
+            self._l2_failed(error)
+            return None
         if found is not _ABSENT:
             self.l1.put(key, found, version)
             return found  # type: ignore[no-any-return]  # decoded by our codec
@@ -346,10 +365,14 @@ class Cache(Generic[T]):
             else:
                 self._l1_hit.inc()
                 found[key] = value
-        if not wanted or self._redis is None:
+        if not wanted or self._redis is None or not await self._l2_ready():
             return found
         names = [name for key in wanted for name in self._redis_keys(key)]
-        replies = await self._redis.mget(names)
+        try:
+            replies = await self._redis.mget(names)
+        except _REDIS_DOWN as error:
+            self._l2_failed(error)
+            return found
         for i, key in enumerate(wanted):
             value, version = self._decode_l2(replies[2 * i], replies[2 * i + 1])
             if value is _ABSENT:
@@ -367,12 +390,18 @@ class Cache(Generic[T]):
         if self._redis is None:
             self.l1.put(key, value, self._local_version)
             return
+        if not await self._l2_ready():
+            return
         version_key, value_key = self._redis_keys(key)
-        current = await self._redis.get(version_key)
-        version = int(current or 0)
-        stored = await self._cas(keys=[version_key, value_key], args=[version, self._payload(value, version),
-                                                                       self._l2_ttl_ms])
-        if stored:
+        try:
+            current = await self._redis.get(version_key)
+            version = int(current or 0)
+            stored = await self._cas(keys=[version_key, value_key], args=[version, self._payload(value, version),
+                                                                           self._l2_ttl_ms])
+        except _REDIS_DOWN as error:
+            self._l2_failed(error)
+            return
+        if stored and self._subscribed.is_set():
             self.l1.put(key, value, version)
 
     async def invalidate(self, key: str) -> None:
@@ -382,16 +411,62 @@ class Cache(Generic[T]):
             self._local_version += 1
             self.l1.tombstone(key, self._local_version)
             return
-        version_key, value_key = self._redis_keys(key)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.incr(version_key)
-            pipe.pexpire(version_key, self._version_ttl_ms())
-            pipe.delete(value_key)
-            version, *_ = await pipe.execute()
-        self.l1.tombstone(key, int(version))
-        ack_key = f"cache-ack:{uuid.uuid4().hex}"
-        receivers = await self._redis.publish(self._channel, f"{int(version)}\n{ack_key}\n{key}")
-        await self._await_acks(ack_key, int(receivers))
+        if not await self._l2_ready():
+            self._unflushed.add(key)
+            return
+        try:
+            version = await self._bump([key])
+            self.l1.tombstone(key, version)
+            ack_key = f"cache-ack:{uuid.uuid4().hex}"
+            receivers = await self._redis.publish(self._channel, f"{version}\n{ack_key}\n{key}")
+            await self._await_acks(ack_key, int(receivers))
+        except _REDIS_DOWN as error:
+            # The write itself is in the store; Redis learns of it as soon as it answers again.
+            self._unflushed.add(key)
+            self._l2_failed(error)
+
+    async def _bump(self, keys: Iterable[str]) -> int:
+        """Raise each key's version and drop its Redis copy in one transaction; the last new version."""
+        assert self._redis is not None
+        keys = list(keys)
+        # One key: one transaction. Several (after an outage): keys of different Redis Cluster slots
+        # cannot share one, and each key's three commands stay safe without (see invalidate).
+        async with self._redis.pipeline(transaction=len(keys) == 1) as pipe:
+            for key in keys:
+                version_key, value_key = self._redis_keys(key)
+                pipe.incr(version_key)
+                pipe.pexpire(version_key, self._version_ttl_ms())
+                pipe.delete(value_key)
+            replies = await pipe.execute()
+        return int(replies[-3])
+
+    async def _l2_ready(self) -> bool:
+        """Whether to use Redis now: not while it is failing, and only once missed invalidations are in."""
+        if not self._unflushed and self._l2_retry_at == 0.0:
+            return True
+        if time.monotonic() < self._l2_retry_at:
+            return False
+        try:
+            if self._unflushed:
+                keys = list(self._unflushed)
+                await self._bump(keys)
+                self._unflushed.difference_update(keys)
+        except _REDIS_DOWN as error:
+            self._l2_failed(error)
+            return False
+        self._l2_retry_at = 0.0
+        return True
+
+    def _l2_failed(self, error: BaseException) -> None:
+        """Redis failed: serve from the store without caching until ``_L2_RETRY_SECONDS`` have passed."""
+        now = time.monotonic()
+        if now - self._l2_warned_at >= _L2_WARN_SECONDS:
+            self._l2_warned_at = now
+            log.warning("cache cannot reach Redis; reading from the store", extra={"fields": {
+                "cache": self.name, "error": repr(error)}})
+        self._l2_retry_at = now + _L2_RETRY_SECONDS
+        # Invalidations from other replicas no longer arrive: nothing in L1 can be trusted.
+        self.l1.clear()
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -402,20 +477,36 @@ class Cache(Generic[T]):
             if value is not None:
                 self.l1.put(key, value, version)
             return value
-        cached, version, raw_version = await self._read_l2(key)
+        if not await self._l2_ready():
+            return await loader()
+        try:
+            cached, version, raw_version = await self._read_l2(key)
+        except _REDIS_DOWN as error:
+            self._l2_failed(error)
+            return await loader()
         if cached is not _ABSENT:
-            self.l1.put(key, cached, version)
+            if self._subscribed.is_set():
+                self.l1.put(key, cached, version)
             return cached  # type: ignore[no-any-return]  # decoded by our codec
         value = await loader()
-        if value is None:
-            return None
-        version_key, value_key = self._redis_keys(key)
-        stored = await self._cas(keys=[version_key, value_key],
-                                 args=[raw_version, self._payload(value, version), self._l2_ttl_ms])
-        # Only a value Redis accepted under the current version is safe to keep in L1 as well.
-        if stored:
-            self.l1.put(key, value, version)
+        if value is not None:
+            await self._write_back(key, value, version, raw_version)
         return value
+
+    async def _write_back(self, key: str, value: T, version: int, raw_version: bytes) -> None:
+        """Store a loaded value in Redis if its version still holds, and then in L1."""
+        assert self._redis is not None
+        version_key, value_key = self._redis_keys(key)
+        try:
+            stored = await self._cas(keys=[version_key, value_key],
+                                     args=[raw_version, self._payload(value, version), self._l2_ttl_ms])
+        except _REDIS_DOWN as error:
+            self._l2_failed(error)
+            return
+        # Only a value Redis accepted under the current version is safe to keep in L1 as well, and
+        # only while invalidation messages arrive.
+        if stored and self._subscribed.is_set():
+            self.l1.put(key, value, version)
 
     async def _read_l2(self, key: str) -> tuple[Any, int, bytes]:
         """(value or _ABSENT, current version, the version as Redis holds it) in one MGET."""
@@ -491,7 +582,13 @@ class Cache(Generic[T]):
                         await self._apply(message["data"])
             except asyncio.CancelledError:
                 raise
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as error:
+            except _REDIS_DOWN as error:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # redis-py turns a cancellation that interrupts a read into a ConnectionError:
+                    # an outage would resubscribe, a close must stop (or close() waits forever).
+                    raise asyncio.CancelledError from error
+                self._subscribed.clear()
                 self.l1.clear()
                 delay = _RESUBSCRIBE_BACKOFF[min(attempt, len(_RESUBSCRIBE_BACKOFF) - 1)]
                 attempt += 1

@@ -9,6 +9,7 @@ Tracing runs before it, in OpenTelemetry's own interceptor, so every log line ha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextvars import ContextVar
@@ -16,14 +17,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
+import redis.exceptions
 from google.protobuf.message import Message
 from grpc_status import rpc_status
 from opentelemetry import trace
 
 from services.runtime import auth
-from services.runtime.errors import DeadlineExceeded, DomainError, InvalidArgument, Unauthenticated
+from services.runtime.errors import DeadlineExceeded, DomainError, InvalidArgument, Unauthenticated, Unavailable
 from services.runtime.observability import AccessLog, Metrics, monotonic
 from services.runtime.revocation import Revocations
+from services.runtime.storage import StoreTimeout, StoreUnavailable
 from services.runtime.validation import RequestValidator
 
 log = logging.getLogger("fittracker.rpc")
@@ -45,6 +48,26 @@ if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]
 else:  # generic only in the type stubs
     Handler = grpc.RpcMethodHandler
+
+
+#: A dependency that could not be reached, so the call changed nothing: safe to retry (the edge does).
+_DEPENDENCY_DOWN = (StoreUnavailable, redis.exceptions.ConnectionError)
+#: A dependency that stopped answering mid-operation: the change may or may not have been made.
+_DEPENDENCY_STALLED = (StoreTimeout, redis.exceptions.TimeoutError)
+
+
+def _dependency_failure(error: BaseException) -> BaseException:
+    """UNAVAILABLE for an unreachable store or Redis, DEADLINE_EXCEEDED for one that stalled mid-call.
+
+    A stalled call's outcome is unknown, so it must not be retried blindly (the edge retries
+    UNAVAILABLE even for writes). Other errors are returned as they are.
+    """
+    if isinstance(error, _DEPENDENCY_DOWN):
+        return Unavailable(f"a backing service is unreachable now ({type(error).__name__}); try again shortly")
+    if isinstance(error, _DEPENDENCY_STALLED):
+        return DeadlineExceeded(f"a backing service stopped answering ({type(error).__name__}); the change "
+                                "may or may not have been made: read it back before repeating it")
+    return error
 
 
 @dataclass
@@ -194,7 +217,8 @@ class CallPipeline(grpc.aio.ServerInterceptor):
                 if budget.expired():
                     raise DeadlineExceeded("the call ran past its deadline") from None
                 raise
-        except BaseException as error:
+        except BaseException as raised:
+            error = _dependency_failure(raised)
             code = self._status_of(error, context)
             await self._abort(stats, error, context)
             raise
@@ -228,14 +252,18 @@ class CallPipeline(grpc.aio.ServerInterceptor):
                 self._check_request(request)
             async for item in inner(request, context):
                 yield item
-        except BaseException as error:
+        except BaseException as raised:
+            error = _dependency_failure(raised)
             code = self._status_of(error, context)
             await self._abort(stats, error, context)
             raise
         finally:
             self._finish(stats, code, started)
             if principal_token is not None:
-                auth.reset_principal(principal_token)
+                # A stream the client cancelled is closed by grpc from another task (another
+                # context), where the token cannot be reset; that context ends with the stream anyway.
+                with contextlib.suppress(ValueError):
+                    auth.reset_principal(principal_token)
 
     async def _validated(self, requests: AsyncIterator[Message]) -> AsyncIterator[Message]:
         async for request in requests:

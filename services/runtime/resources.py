@@ -64,9 +64,9 @@ class Resources:
         """Connect to what ``settings`` name: MongoDB or the embedded store, and Redis if set."""
         store = open_store(settings.mongo_url, settings.mongo_database, settings.data_dir, settings.service)
         redis = aioredis.Redis.from_url(settings.redis_url) if settings.redis_url else None
-        counters: Counters = RedisCounters(redis) if redis is not None else StoreCounters(store)
-        await counters.ensure()
         metrics = Metrics()
+        counters: Counters = RedisCounters(redis, metrics.registry) if redis is not None else StoreCounters(store)
+        await counters.ensure()
         if settings.metrics_port:
             metrics.serve(settings.metrics_port + settings.worker_index)
         events = open_bus(settings, redis, registry=metrics.registry)

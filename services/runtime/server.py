@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from prometheus_client import Gauge
 
 from services.runtime.interceptors import CallPipeline
 from services.runtime.observability import configure_logging, configure_tracing
@@ -140,6 +141,10 @@ async def start_service(
     ablation table only.
     """
     resources = resources or await Resources.open(settings)
+    loop = asyncio.get_running_loop()
+    # A leak of tasks (streams, consumers, retries never awaited) shows here first: make soak reads it.
+    Gauge("asyncio_tasks", "Tasks alive on the service's event loop.", registry=resources.metrics.registry
+          ).set_function(lambda: len(asyncio.all_tasks(loop)))
     definition = await build(settings, resources)
     pipeline = CallPipeline(
         metrics=resources.metrics,

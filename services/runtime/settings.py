@@ -62,6 +62,9 @@ class Settings:
     mongo_database: str = "fittracker"
     #: A Redis URL turns on the shared L2 cache, Redis Streams events and shared rate limits.
     redis_url: str = ""
+    #: An event pending this long for a consumer that stopped answering (crashed, hung) is
+    #: reclaimed by another replica of its group; it must exceed the slowest handler's run.
+    events_claim_idle_seconds: float = 60.0
     #: Directory holding the ES256 signing key (user service) and the public JWKS (everyone).
     jwt_keys_dir: Path = Path("")
     jwt_issuer: str = "https://auth.fittracker.app"
@@ -137,7 +140,7 @@ class Settings:
         settings.validate()
         return settings
 
-    def validate(self) -> None:
+    def validate(self) -> None:  # noqa: PLR0912 - one plain check per setting reads best
         """Check ranges and combinations; raise SettingsError naming the variable."""
         if self.service not in SERVICES:
             raise SettingsError(f"{PREFIX}SERVICE must be one of {', '.join(SERVICES)}")
@@ -153,6 +156,8 @@ class Settings:
             raise SettingsError(f"{PREFIX}ACCESS_TOKEN_TTL_SECONDS must be between 30 and 3600")
         if not 0.05 <= self.revocation_poll_seconds <= 10:
             raise SettingsError(f"{PREFIX}REVOCATION_POLL_SECONDS must be between 0.05 and 10")
+        if not 0.5 <= self.events_claim_idle_seconds <= 3600:
+            raise SettingsError(f"{PREFIX}EVENTS_CLAIM_IDLE_SECONDS must be between 0.5 and 3600")
         if self.refresh_token_ttl_seconds <= self.access_token_ttl_seconds:
             raise SettingsError(f"{PREFIX}REFRESH_TOKEN_TTL_SECONDS must exceed the access token TTL")
         for url, name, schemes in (

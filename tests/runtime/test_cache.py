@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ import redis.asyncio as aioredis
 from fittracker.user.v1 import user_pb2
 
 from services.runtime.cache import Cache, CacheMetrics, DocumentCodec, LruTtl, ProtoCodec
+from tests.servers import start_redis
 
 pytestmark = pytest.mark.redis
 
@@ -350,3 +352,39 @@ async def test_codecs_round_trip_messages_and_documents(redis_url: str) -> None:
 def test_cache_names_cannot_break_the_key_layout() -> None:
     with pytest.raises(ValueError, match="must not contain"):
         Cache("a:b", DocumentCodec(), redis=None, metrics=CacheMetrics())
+
+
+async def test_a_redis_outage_reads_from_the_store_and_a_restart_does_not_bring_back_old_values(
+    tmp_path: Path,
+) -> None:
+    """Redis killed: reads come from the store (uncached), writes still invalidate nothing and fail
+    nothing. Redis back with its data (AOF): the value cached before the outage is not served,
+    because the key written meanwhile is invalidated first."""
+    server = start_redis(tmp_path, durable=True)
+    client = aioredis.Redis.from_url(server.url)
+    store = Store()
+    store.rows["k"] = {"v": 1}
+    cache: Cache[Doc] = Cache("outage", DocumentCodec(), redis=client, metrics=CacheMetrics())
+    try:
+        await cache.start()
+        assert await cache.get_or_load("k", store.loader("k")) == {"v": 1}  # now in Redis and L1
+
+        server.kill()
+        store.rows["k"] = {"v": 2}
+        await cache.invalidate("k")  # Redis is gone: must not raise
+        reads = store.reads
+        assert await cache.get_or_load("k", store.loader("k")) == {"v": 2}
+        assert await cache.get_or_load("k", store.loader("k")) == {"v": 2}
+        assert store.reads == reads + 2, "nothing may be cached while invalidations cannot arrive"
+
+        server.restart()
+        deadline = time.monotonic() + BOUND_SECONDS
+        while time.monotonic() < deadline and "k" in cache._unflushed:
+            await asyncio.sleep(0.2)
+            assert await cache.get_or_load("k", store.loader("k")) == {"v": 2}
+        assert "k" not in cache._unflushed, "the missed invalidation never reached Redis"
+        assert await cache.get_or_load("k", store.loader("k")) == {"v": 2}
+    finally:
+        await cache.close()
+        await client.aclose()
+        server.stop()

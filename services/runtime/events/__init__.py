@@ -77,6 +77,8 @@ def open_bus(
     ``registry`` receives the bus's Prometheus counters (pass the process's ``Metrics.registry``).
     """
     metrics = EventMetrics(registry)
+    idle = settings.events_claim_idle_seconds
+    tuning = BusTuning(claim_idle_seconds=idle, claim_interval_seconds=min(BusTuning.claim_interval_seconds, idle / 4))
     if redis is not None:
-        return RedisStreamsBus(redis, metrics=metrics)
-    return EmbeddedBus(settings.data_dir / EVENTS_FILE, metrics=metrics)
+        return RedisStreamsBus(redis, tuning=tuning, metrics=metrics)
+    return EmbeddedBus(settings.data_dir / EVENTS_FILE, tuning=tuning, metrics=metrics)

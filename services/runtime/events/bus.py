@@ -343,6 +343,9 @@ class StreamBus(ABC):
                     # The bus or the store is unreachable: keep the service up and try again later.
                     # Entries taken but not finished stay pending and are reclaimed.
                     log.exception("event consumer failed; retrying", extra={"fields": {"group": state.group}})
+                    # Prepared again before the next try: a Redis that restarted without its data
+                    # has lost the groups, and every read would fail with NOGROUP until they exist.
+                    prepared = False
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, _LOOP_BACKOFF_MAX)
         finally:

@@ -17,6 +17,8 @@ from services.runtime.storage.base import (
     IndexSpec,
     Sort,
     StoreError,
+    StoreTimeout,
+    StoreUnavailable,
     Update,
 )
 from services.runtime.storage.embedded import EmbeddedStore
@@ -34,6 +36,8 @@ __all__ = [
     "MongoStore",
     "Sort",
     "StoreError",
+    "StoreTimeout",
+    "StoreUnavailable",
     "Update",
     "open_store",
 ]

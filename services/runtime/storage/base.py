@@ -57,6 +57,14 @@ class StoreError(Exception):
     """Base class of storage failures the domain layer may handle."""
 
 
+class StoreUnavailable(StoreError):
+    """The database could not be reached, so the operation was not sent; it may succeed later."""
+
+
+class StoreTimeout(StoreError):
+    """The database stopped answering during the operation: it may or may not have been applied."""
+
+
 class DuplicateKeyError(StoreError):
     """An insert or update broke a unique index (``_id`` included)."""
 

@@ -37,7 +37,13 @@ from typing import Any, TypeVar
 from bson.codec_options import CodecOptions
 from pymongo import AsyncMongoClient, IndexModel, ReturnDocument, WriteConcern
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import CollectionInvalid, OperationFailure, PyMongoError
+from pymongo.errors import (
+    CollectionInvalid,
+    ConnectionFailure,
+    OperationFailure,
+    PyMongoError,
+    ServerSelectionTimeoutError,
+)
 
 from services.runtime.storage.base import (
     CollectionSpec,
@@ -47,6 +53,8 @@ from services.runtime.storage.base import (
     IndexSpec,
     Sort,
     StoreError,
+    StoreTimeout,
+    StoreUnavailable,
     Update,
 )
 from services.runtime.storage.embedded import apply_update, upsert_seed, values_at
@@ -78,7 +86,7 @@ class MongoStore:
         app_name: str = "fittracker",
         max_pool_size: int = 50,
         min_pool_size: int = 0,
-        server_selection_timeout_ms: int = 5000,
+        server_selection_timeout_ms: int = 3000,
         connect_timeout_ms: int = 5000,
         operation_timeout_ms: int = 10000,
     ) -> None:
@@ -132,7 +140,7 @@ class MongoStore:
                 for index in spec.indexes:
                     await self._ensure_index(spec.name, index)
         except PyMongoError as exc:
-            raise StoreError(f"ensuring collections failed: {exc}") from exc
+            raise _store_error("ensuring collections failed", exc) from exc
 
     async def _create_collection(self, name: str) -> None:
         try:
@@ -168,7 +176,7 @@ class MongoStore:
             try:
                 info = await self._client.admin.command("buildInfo")
             except PyMongoError as exc:
-                raise StoreError(f"cannot reach the database: {exc}") from exc
+                raise _store_error("cannot reach the database", exc) from exc
             self._serialise_updates = "ferretdbVersion" in info
         return self._serialise_updates
 
@@ -177,11 +185,20 @@ class MongoStore:
         try:
             await self._client.admin.command("ping")
         except PyMongoError as exc:
-            raise StoreError(f"cannot reach the database: {exc}") from exc
+            raise _store_error("cannot reach the database", exc) from exc
 
     async def close(self) -> None:
         """Close the client's connection pools."""
         await self._client.close()
+
+
+def _store_error(what: str, exc: PyMongoError) -> StoreError:
+    """What callers are told: not sent (UNAVAILABLE, safe to retry), outcome unknown, or a plain error."""
+    if isinstance(exc, ServerSelectionTimeoutError):
+        return StoreUnavailable(f"{what}: {exc}")
+    if isinstance(exc, ConnectionFailure) or exc.timeout:
+        return StoreTimeout(f"{what}: {exc}")
+    return StoreError(f"{what}: {exc}")
 
 
 def _duplicate_index(exc: PyMongoError, spec: CollectionSpec) -> tuple[bool, str | None]:
@@ -266,7 +283,7 @@ class MongoCollection:
         """Map ``exc`` to a StoreError; ``written`` gives the document the write tried to store."""
         duplicate, index = _duplicate_index(exc, self.spec)
         if not duplicate:
-            return StoreError(f"{self.name}: {exc}")
+            return _store_error(self.name, exc)
         if index is None:
             try:
                 doc, is_new = await written()
@@ -324,7 +341,7 @@ class MongoCollection:
         try:
             return await self._raw.find_one(self._live(flt))
         except PyMongoError as exc:
-            raise StoreError(f"{self.name}: {exc}") from exc
+            raise _store_error(self.name, exc) from exc
 
     async def find(self, flt: Filter, *, sort: Sort = (), limit: int = 0, skip: int = 0) -> list[Document]:
         """Return matches in ``sort`` order with ``_id`` as the final tiebreak."""
@@ -334,14 +351,14 @@ class MongoCollection:
         try:
             return await self._raw.find(self._live(flt), sort=order, skip=skip, limit=limit).to_list()
         except PyMongoError as exc:
-            raise StoreError(f"{self.name}: {exc}") from exc
+            raise _store_error(self.name, exc) from exc
 
     async def count(self, flt: Filter) -> int:
         """Count the live documents that match."""
         try:
             return await self._raw.count_documents(self._live(flt))
         except PyMongoError as exc:
-            raise StoreError(f"{self.name}: {exc}") from exc
+            raise _store_error(self.name, exc) from exc
 
     async def update_one(self, flt: Filter, update: Update, *, upsert: bool = False) -> Document | None:
         """Apply ``update`` to a match and return the document after it (``find_one_and_update``)."""
@@ -389,14 +406,14 @@ class MongoCollection:
         try:
             return (await self._raw.delete_one(self._live(flt))).deleted_count == 1
         except PyMongoError as exc:
-            raise StoreError(f"{self.name}: {exc}") from exc
+            raise _store_error(self.name, exc) from exc
 
     async def delete_many(self, flt: Filter) -> int:
         """Delete every live match; return how many were deleted."""
         try:
             return (await self._raw.delete_many(self._live(flt))).deleted_count
         except PyMongoError as exc:
-            raise StoreError(f"{self.name}: {exc}") from exc
+            raise _store_error(self.name, exc) from exc
 
 
 def _with_string_id(flt: Filter, update: Update) -> Update:
