@@ -115,22 +115,9 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
             if not claim.fresh and (claim.email, claim.display_name) != (email, display_name):
                 raise InvalidArgument.field("request_id", "was already used by a different request")
             user_id = claim.user_id
-        created_at = now()
-        doc: Document = {
-            "_id": user_id,
-            "email": email,
-            "password_hash": await self._passwords.hash(request.password),
-            "display_name": display_name,
-            "birth_date": "",
-            "height_cm": 0.0,
-            "weight_kg": 0.0,
-            "fitness_level": "FITNESS_LEVEL_UNSPECIFIED",
-            "role": "admin" if email in self._admins else "member",
-            "preferences": {**default_preferences(), "update_time": created_at},
-            "request_id": request.request_id,
-            "create_time": created_at,
-            "update_time": created_at,
-        }
+        role = "admin" if email in self._admins else "member"
+        password_hash = await self._passwords.hash(request.password)
+        doc = new_account(user_id, email, password_hash, display_name, role, request.request_id)
         try:
             stored, created = await self._open_account(doc)
         except IdRetired:
@@ -318,6 +305,28 @@ class UserService(user_service_pb2_grpc.UserServiceServicer):
         prefs.name = f"users/{doc['_id']}/preferences"
         prefs.update_time.FromDatetime(update_time)
         return prefs
+
+
+def new_account(
+    user_id: str, email: str, password_hash: str, display_name: str, role: str, request_id: str
+) -> Document:
+    """The document of a new account: an empty profile and the default preferences."""
+    created = now()
+    return {
+        "_id": user_id,
+        "email": email,
+        "password_hash": password_hash,
+        "display_name": display_name,
+        "birth_date": "",
+        "height_cm": 0.0,
+        "weight_kg": 0.0,
+        "fitness_level": "FITNESS_LEVEL_UNSPECIFIED",
+        "role": role,
+        "preferences": {**default_preferences(), "update_time": created},
+        "request_id": request_id,
+        "create_time": created,
+        "update_time": created,
+    }
 
 
 def registered_event(user: Document) -> events_pb2.EventEnvelope:

@@ -67,6 +67,35 @@ SET = Pattern("users/{user}/sessions/{session}/sets/{set}")
 # --- names and ownership --------------------------------------------------------------------------
 
 
+def _new_session(
+    session_id: str, user_id: str, routine: Document | None, display_name: str, started: datetime, time_zone: str,
+    request_id: str,
+) -> Document:
+    """A session document in progress, copying a routine's name and targets when it starts from one."""
+    created = now()
+    return {
+        "_id": session_id,
+        "user_id": user_id,
+        "routine": f"users/{user_id}/routines/{routine['_id']}" if routine else "",
+        "display_name": display_name.strip() or (routine["display_name"] if routine else "") or DEFAULT_SESSION_NAME,
+        "state": IN_PROGRESS,
+        "active": ACTIVE,
+        "start_time": started,
+        "end_time": None,
+        "time_zone": time_zone,
+        "notes": "",
+        "planned_exercises": list(routine["exercises"]) if routine else [],
+        "sets": [],
+        "set_count": 0,
+        "personal_records": [],
+        "finalized": False,
+        "version": 1,
+        "request_id": request_id,
+        "create_time": created,
+        "update_time": created,
+    }
+
+
 def _ms(value: datetime) -> datetime:
     """``value`` truncated to the millisecond, the precision the stores keep."""
     return value.replace(microsecond=value.microsecond // 1000 * 1000)
@@ -367,14 +396,7 @@ class WorkoutService(workout_service_pb2_grpc.WorkoutServiceServicer):
     ) -> workout_pb2.Session:
         """Start a session, empty or from a routine; at most one in progress per user."""
         user_id = USER.owner(request.parent, "parent")
-        routine: Document | None = None
-        if request.routine:
-            routine_user, ids = ROUTINE.owned(request.routine, "routine")
-            if routine_user != user_id:
-                raise NotFound(f"{request.routine} not found")
-            routine = await self._routines.get(user_id, ids["routine"])
-            if routine is None:
-                raise NotFound(f"{request.routine} not found")
+        routine = await self._start_routine(user_id, request.routine)
         started = _not_future(from_timestamp(request.start_time, "start_time"), "start_time") if request.HasField(
             "start_time") else now()
         time_zone = request.time_zone or "UTC"
@@ -392,29 +414,7 @@ class WorkoutService(workout_service_pb2_grpc.WorkoutServiceServicer):
         # A completion interrupted by a crash is finished first: its records must be in place
         # before this session can be compared with them.
         await self._completer.finalize_pending(user_id)
-        created = now()
-        doc: Document = {
-            "_id": session_id,
-            "user_id": user_id,
-            "routine": f"users/{user_id}/routines/{routine['_id']}" if routine else "",
-            "display_name": request.display_name.strip() or (routine["display_name"] if routine else "")
-            or DEFAULT_SESSION_NAME,
-            "state": IN_PROGRESS,
-            "active": ACTIVE,
-            "start_time": started,
-            "end_time": None,
-            "time_zone": time_zone,
-            "notes": "",
-            "planned_exercises": list(routine["exercises"]) if routine else [],
-            "sets": [],
-            "set_count": 0,
-            "personal_records": [],
-            "finalized": False,
-            "version": 1,
-            "request_id": request.request_id,
-            "create_time": created,
-            "update_time": created,
-        }
+        doc = _new_session(session_id, user_id, routine, request.display_name, started, time_zone, request.request_id)
         try:
             stored, _ = await self._sessions.start(doc)
         except DuplicateKeyError:
@@ -422,6 +422,16 @@ class WorkoutService(workout_service_pb2_grpc.WorkoutServiceServicer):
             where = f": {session_name(current)}" if current else ""
             raise FailedPrecondition(f"users/{user_id} already has a session in progress{where}") from None
         return _to_session(stored)
+
+    async def _start_routine(self, user_id: str, name: str) -> Document | None:
+        """The caller's routine a session starts from, if one is named."""
+        if not name:
+            return None
+        routine_user, ids = ROUTINE.owned(name, "routine")
+        routine = await self._routines.get(user_id, ids["routine"]) if routine_user == user_id else None
+        if routine is None:
+            raise NotFound(f"{name} not found")
+        return routine
 
     async def _owned_session(self, name: str) -> tuple[str, Document]:
         user_id, ids = SESSION.owned(name)
