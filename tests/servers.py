@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pymongo
 
+from tools.devstack import free_ports
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FERRETDB_BIN = REPO_ROOT / ".cache" / "bin" / "ferretdb"
 #: How long a server may take to answer its first ping.
@@ -88,11 +90,9 @@ class RunningServer:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a port the OS reports free on ``host`` now (the caller binds it soon after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port free on ``host`` now, below the ephemeral range (the fault tests restart servers on
+    their port, and an outgoing connection must not take it meanwhile)."""
+    return free_ports(1, host)[0]
 
 
 def _require(binary: Path | str, what: str) -> str:

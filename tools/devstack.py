@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -83,17 +84,42 @@ def envoy_binary() -> str:
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct ports the kernel considers free now (all held open until all are chosen).
+    """``count`` distinct ports free now, below the kernel's ephemeral range (all held until all are chosen).
 
-    The services bind with SO_REUSEPORT, so a process taking one of these ports in the moment
-    before a replica binds it would share it silently; the window is milliseconds, and Envoy's
-    own ports avoid it altogether (port 0, read back from the admin interface).
+    Below that range because a replica is restarted on its port (the fault tests kill and restart
+    them): in the meantime any outgoing connection could take an ephemeral port as its own and the
+    restart would fail to bind. The services bind with SO_REUSEPORT, so only a listener choosing the
+    same port in the moment before a replica binds could share it; Envoy's own ports avoid even
+    that (port 0, read back from the admin interface).
     """
+    low = _ephemeral_low()
+    candidates = random.sample(range(FIRST_STACK_PORT, low), k=min(low - FIRST_STACK_PORT, 4 * count + 64))
     with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
-        for sock in sockets:
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in sockets]
+        chosen: list[int] = []
+        for port in candidates:
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            chosen.append(port)
+            if len(chosen) == count:
+                return chosen
+    raise StackError(f"no {count} free ports between {FIRST_STACK_PORT} and {low}")
+
+
+#: Stacks take ports from here up to the start of the ephemeral range (the services' documented
+#: ports, 50051+ and 8080, lie elsewhere: above it, or below this).
+FIRST_STACK_PORT = 10_000
+
+
+def _ephemeral_low() -> int:
+    """The first port the kernel hands out to outgoing connections (32768 when it does not say)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+    return max(low, FIRST_STACK_PORT + 1_000)
 
 
 #: prctl(2), looked up once here: the child between fork and exec must not load libraries.
